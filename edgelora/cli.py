@@ -1,0 +1,219 @@
+"""The ``edgelora`` command line: parse, call a library function, print.
+
+Bad input ends in one line on stderr, ``error: <what> ; <fix>``, and exit status 2 (1 when a check
+on good input fails). No traceback, nothing partial on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import EdgeloraError, EdgeloraWarning
+
+_BASE_HELP = "Base model: an HF folder, a cached hub id, or omit for the bundled all-MiniLM-L6-v2."
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _print_table(rows: list[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value) if value else "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) if value else "-"
+        elif value is None:
+            value = "-"
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgelora")
+def cli() -> None:
+    """edgelora: LoRA adapters to the edge: train or import, merge, export, swap on device."""
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--train", "train_file", required=True, type=click.Path(path_type=Path),
+              help="Training data: .tsv/.csv/.jsonl (classification) or .jsonl/.txt (causal LM).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter folder to write.")
+@click.option("--task", type=click.Choice(["auto", "sequence-classification", "causal-lm"]), default="auto",
+              show_default=True, help="auto: causal-lm for .txt or prompt/completion JSONL, else classification.")
+@click.option("--base", default=None, help=_BASE_HELP)
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), default=None,
+              help="Validation file, evaluated after every epoch.")
+@click.option("--val-fraction", type=float, default=None,
+              help="Hold out this fraction of --train (fixed seed) for validation instead of --eval.")
+@click.option("--r", type=int, default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale = alpha/r).")
+@click.option("--targets", default=None,
+              help="Comma-separated module names to adapt (default: the family's W_q, W_v).")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the LoRA input.")
+@click.option("--rslora", is_flag=True, help="Rank-stabilised scale alpha/sqrt(r).")
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@click.option("--warmup-ratio", type=float, default=0.06, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--text-column", default=None, help="Text column (default: sentence or text).")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--labels", default=None, help="Comma-separated label order (default: sorted).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def train(train_file: Path, output: Path, task: str, base: str | None, eval_file: Path | None,
+          val_fraction: float | None, r: int, alpha: float, targets: str | None, dropout: float, rslora: bool,
+          lr: float, batch_size: int, epochs: int, max_steps: int | None, warmup_ratio: float,
+          weight_decay: float, max_length: int, seed: int, threads: int | None, text_column: str | None,
+          label_column: str, labels: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+    """Train a LoRA adapter (A random, B zero, W_q/W_v by default) and write a PEFT folder."""
+    from .train import TrainConfig
+    from .train import train as run_train
+
+    if task == "auto":
+        task = _guess_task(train_file)
+    cfg = TrainConfig(
+        r=r, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None,
+        dropout=dropout, rslora=rslora, lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_length=max_length, seed=seed, threads=threads,
+    )
+    result = run_train(
+        task, train_file, output, cfg, base=base, eval_file=eval_file, val_fraction=val_fraction,
+        text_column=text_column, label_column=label_column,
+        labels=[s.strip() for s in labels.split(",")] if labels else None,
+        force=force, command="edgelora " + shlex.join(sys.argv[1:]), progress=not quiet,
+    )
+    summary = {
+        "output": str(result.output),
+        "task": task,
+        "trainable_parameters": result.trainable_parameters,
+        "total_parameters": result.total_parameters,
+        "trainable_percent": round(100.0 * result.trainable_parameters / result.total_parameters, 4),
+        "seconds": round(result.seconds, 1),
+        **{k: v for k, v in result.final.items() if k.startswith("eval_") or k == "train_loss"},
+    }
+    if as_json:
+        _print_json(summary)
+    else:
+        _print_table(list(summary.items()))
+
+
+def _guess_task(train_file: Path) -> str:
+    suffix = train_file.suffix.lower()
+    if suffix == ".txt":
+        return "causal-lm"
+    if suffix == ".jsonl" and train_file.is_file():
+        with open(train_file, encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            return "sequence-classification"  # the reader reports the bad line
+        if isinstance(row, dict) and "completion" in row:
+            return "causal-lm"
+    return "sequence-classification"
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="PEFT adapter folder.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
+@click.option("--base", default=None, help=_BASE_HELP)
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pickled adapter_model.bin (loaded weights_only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def merge(adapter: Path, output: Path, base: str | None, force: bool, allow_pickle: bool, as_json: bool) -> None:
+    """Fold an adapter into the base in fp32 and write a normal HF model folder."""
+    from .fsutil import check_output_dir
+    from .merged_model import write_merged_model
+    from .prepare import prepare
+
+    check_output_dir(output, force)  # before loading anything
+    prepared = prepare(base, adapter, allow_pickle=allow_pickle)
+    write_merged_model(prepared, output, force=force)
+    summary = {
+        "output": str(output),
+        "base": str(prepared.base_path),
+        "base_fingerprint": prepared.base_fingerprint,
+        "task": prepared.task,
+        "architecture": type(prepared.model).__name__,
+        "merged_modules": len(prepared.plan.targets),
+        "replaced_parameters": sorted(prepared.plan.replacements),
+        "adapter_hash": prepared.plan.adapter_hash,
+    }
+    if as_json:
+        _print_json(summary)
+    else:
+        _print_table(list(summary.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--base", default=None, help="Also check the adapter against this base (shapes, fingerprint).")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pickled adapter_model.bin (loaded weights_only).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(path: Path, base: str | None, allow_pickle: bool, as_json: bool) -> None:
+    """Show an adapter's rank, alpha, scale, targets, parameters, size and base fingerprint."""
+    from .info import describe
+
+    info = describe(path, base=base, allow_pickle=allow_pickle)
+    if as_json:
+        _print_json(info)
+        return
+    rows = list(info.items())
+    rows = [(k, _human_bytes(v) + f" ({v} bytes)" if k == "size_bytes" else v) for k, v in rows]
+    _print_table(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit status 2 on bad input, no tracebacks."""
+    warnings.simplefilter("ignore")  # library chatter (peft/transformers/torch) is not for CLI users
+    warnings.simplefilter("always", EdgeloraWarning)
+    warnings.showwarning = _show_warning
+    try:
+        cli.main(args=argv, prog_name="edgelora", standalone_mode=False)
+    except EdgeloraError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else "edgelora"
+        click.echo(f"error: {exc.format_message()} (see '{cmd} --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""``edgelora merge``: write a normal HF model folder with the adapter folded into its weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .base import MERGED_MARKER
+from .fsutil import atomic_output_dir
+from .merge import merge_into_model
+from .prepare import Prepared
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def write_merged_model(prepared: Prepared, output: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Merge in fp32 and save with ``save_pretrained`` (safetensors) plus the base's tokenizer.
+
+    The saved ``config.json`` records which adapter was merged, so the folder is never used as a
+    base for another merge (that would add a second ΔW on top of the first).
+    """
+    model = prepared.model
+    merge_into_model(model, prepared.plan)
+    setattr(
+        model.config,
+        MERGED_MARKER,
+        {
+            "adapter": prepared.plan.adapter_hash,
+            "adapter_path": str(prepared.adapter.source) if prepared.adapter.source else None,
+            "base_fingerprint": prepared.base_fingerprint,
+        },
+    )
+    with atomic_output_dir(output, force=force) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        copy_tokenizer(prepared.base_path, tmp)
+    return Path(output)

@@ -1,0 +1,54 @@
+"""Bring a base and an adapter together: resolve, fingerprint, load for the task, validate.
+
+Every command that uses an adapter on a base (merge, export, inspect --base) starts here, so the
+checks run in one place and before any work is written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapter import Adapter, load_adapter
+from .base import MERGED_MARKER, HeadSpec, fingerprint, load_model, read_config, resolve_base, task_from_peft
+from .errors import EdgeloraError
+from .validate import MergePlan, check_fingerprint, infer_head, plan_merge
+
+
+@dataclass(frozen=True)
+class Prepared:
+    base_path: Path
+    base_fingerprint: str
+    task: str
+    head: HeadSpec
+    adapter: Adapter
+    model: Any  # transformers PreTrainedModel, fp32, eval mode, adapter NOT merged
+    plan: MergePlan
+
+
+def prepare(
+    base: str | os.PathLike[str] | None,
+    adapter: str | os.PathLike[str] | Adapter,
+    *,
+    allow_pickle: bool = False,
+) -> Prepared:
+    """Load ``base`` for ``adapter``'s task and check the adapter fits it (nothing is merged)."""
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    base_path = resolve_base(base)
+    marker = read_config(base_path).get(MERGED_MARKER)
+    if marker:
+        raise EdgeloraError(
+            f"base {base_path} already has an adapter merged into it by edgelora "
+            f"({marker.get('adapter', '?') if isinstance(marker, dict) else marker}); "
+            "merge into the original base instead"
+        )
+    fp = fingerprint(base_path)
+    check_fingerprint(adapter, fp, str(base if base is not None else "(bundled)"))
+    task = task_from_peft(adapter.config.task_type)
+    head = infer_head(adapter, base_path, task)
+    model = load_model(base_path, task, head)
+    plan = plan_merge(adapter, model)
+    return Prepared(base_path, fp, task, head, adapter, model, plan)

@@ -1,0 +1,391 @@
+"""``edgelora train``: LoRA fine-tuning with the paper's recipe (Hu et al. 2021, §4).
+
+A is random (Kaiming-uniform, PEFT's default), B is zero, so training starts exactly at the base
+model; only ``W_q`` and ``W_v`` are adapted unless told otherwise (§7.1); ``ΔW`` is scaled by
+``alpha / r``. PEFT does the injection. For sequence classification the task head is trained and
+saved as ``modules_to_save``. The output is a PEFT folder plus ``edgelora.json`` with the base
+fingerprint, the labels, the per-epoch validation metrics and the command that made it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as data_mod
+from .adapter import AdapterRecord, write_record
+from .base import DEFAULT_BASE_NAME, HeadSpec, TASKS, bundled_base_path, fingerprint, load_model, resolve_base
+from .errors import EdgeloraError
+from .fsutil import atomic_output_dir, check_output_dir
+
+TRAIN_TASKS = ("sequence-classification", "causal-lm")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """LoRA hyper-parameters. Every field is a ``edgelora train`` option of the same name."""
+
+    r: int = 8  # rank of ΔW
+    alpha: float = 16.0  # ΔW is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    targets: tuple[str, ...] | None = None  # module names; None = W_q, W_v of the model family
+    dropout: float = 0.0  # dropout on the LoRA branch input
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    lr: float = 5e-4
+    batch_size: int = 32
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (over all epochs)
+    warmup_ratio: float = 0.06  # linear warm-up, then linear decay to zero
+    weight_decay: float = 0.0
+    max_length: int = 128  # tokens per example (longer ones are truncated)
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.r >= 1, f"--r is {self.r}; the LoRA rank must be ≥ 1"),
+            (math.isfinite(self.alpha) and self.alpha > 0, f"--alpha is {self.alpha}; it must be > 0"),
+            (0.0 <= self.dropout < 1.0, f"--dropout is {self.dropout}; it must be in [0, 1)"),
+            (self.lr > 0, f"--lr is {self.lr}; it must be > 0"),
+            (self.batch_size >= 1, f"--batch-size is {self.batch_size}; it must be ≥ 1"),
+            (self.epochs >= 1, f"--epochs is {self.epochs}; it must be ≥ 1"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps is {self.max_steps}; it must be ≥ 1"),
+            (0.0 <= self.warmup_ratio < 1.0, f"--warmup-ratio is {self.warmup_ratio}; it must be in [0, 1)"),
+            (self.weight_decay >= 0, f"--weight-decay is {self.weight_decay}; it must be ≥ 0"),
+            (self.max_length >= 2, f"--max-length is {self.max_length}; it must be ≥ 2"),
+            (self.threads is None or self.threads >= 1, f"--threads is {self.threads}; it must be ≥ 1"),
+            (self.targets is None or len(self.targets) > 0, "--targets is empty; name at least one module"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EdgeloraError(message)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+Item = tuple[list[int], Any]  # (token ids, label: class id, or per-token labels for LM)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tokenize_classification(tokenizer: Any, examples: Sequence[data_mod.Example], label_ids: dict[str, int],
+                            max_length: int, source: str) -> list[Item]:
+    unknown = sorted({e.label for e in examples} - set(label_ids))
+    if unknown:
+        raise EdgeloraError(
+            f"{source} has labels {unknown[:5]} not seen in the training file (labels: {sorted(label_ids)}); "
+            "fix the file or pass --labels"
+        )
+    enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
+    return [(ids, label_ids[e.label]) for ids, e in zip(enc["input_ids"], examples)]
+
+
+def collate_classification(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(items):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    labels = torch.tensor([label for _, label in items], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def tokenize_lm(tokenizer: Any, examples: Sequence[data_mod.LMExample], max_length: int) -> list[Item]:
+    """Prompt tokens get label -100 (no loss); completions end with EOS. Plain text is cut into blocks."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise EdgeloraError("the base tokenizer has no EOS token; causal-LM training needs one")
+    items: list[Item] = []
+    for ex in examples:
+        p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
+        c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [eos]
+        if not p and len(c) > max_length:  # plain text: blocks of max_length tokens
+            for start in range(0, len(c) - 1, max_length):
+                block = c[start : start + max_length]
+                if len(block) >= 2:
+                    items.append((block, list(block)))
+            continue
+        ids = (p + c)[:max_length]
+        labels = ([-100] * len(p) + c)[:max_length]
+        if any(t != -100 for t in labels[1:]):
+            items.append((ids, labels))
+    if not items:
+        raise EdgeloraError("no training example has a completion token within --max-length; raise --max-length")
+    return items
+
+
+def collate_lm(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(items):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate_classification(model: Any, items: Sequence[Item], pad_id: int, batch_size: int = 128
+                            ) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths: less padding
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(order), batch_size):
+        batch = collate_classification([items[i] for i in order[start : start + batch_size]], pad_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    model.train(was_training)
+    return {"accuracy": correct / len(items), "loss": loss_sum / len(items)}
+
+
+@torch.inference_mode()
+def evaluate_lm(model: Any, items: Sequence[Item], pad_id: int, batch_size: int = 32) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    nll, tokens, correct = 0.0, 0, 0
+    for start in range(0, len(items), batch_size):
+        batch = collate_lm(items[start : start + batch_size], pad_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1]
+        target = labels[:, 1:]
+        keep = target != -100
+        nll += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+        correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+        tokens += int(keep.sum())
+    model.train(was_training)
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop (shared by LoRA training and the full fine-tuning baseline of benchmarks/)
+# ---------------------------------------------------------------------------------------------
+
+
+def train_loop(
+    model: Any,
+    params: Sequence[torch.nn.Parameter],
+    items: Sequence[Item],
+    collate: Callable[[Sequence[Item]], dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW with linear warm-up and decay; evaluates after every epoch. Returns per-epoch metrics."""
+    from tqdm.auto import tqdm
+
+    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    warmup = int(total * cfg.warmup_ratio)
+    # foreach=True: one fused kernel launch per group rather than a Python loop over parameters.
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, Any]] = []
+    step = 0
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    model.train()
+    ema = None
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(items), generator=gen).tolist()
+        loss_sum, n = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            if step >= total:
+                break
+            batch = collate([items[i] for i in order[start : start + cfg.batch_size]])
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            loss_sum, n, step = loss_sum + value, n + 1, step + 1
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            bar.set_postfix(epoch=epoch, loss=f"{ema:.4f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, value)
+        entry: dict[str, Any] = {"epoch": epoch, "steps": step, "train_loss": loss_sum / max(n, 1)}
+        if evaluate is not None:
+            metrics = evaluate()
+            entry.update({f"eval_{k}": v for k, v in metrics.items()})
+            bar.write("epoch {}: ".format(epoch) + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
+                                                             if isinstance(v, float)))
+        history.append(entry)
+        if step >= total:
+            break
+    bar.close()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_config(cfg: TrainConfig, task: str, model_type: str) -> Any:
+    """PEFT ``LoraConfig`` for the paper's recipe; targets default to PEFT's W_q, W_v table."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    targets = list(cfg.targets) if cfg.targets else DEFAULT_TARGETS.get(model_type)
+    if not targets:
+        raise EdgeloraError(f"no default LoRA targets for model type {model_type!r}; pass --targets q_proj,v_proj")
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        target_modules=list(targets),
+        lora_dropout=cfg.dropout,
+        use_rslora=cfg.rslora,
+        task_type=TASKS[task][0],
+        init_lora_weights=True,  # A ~ Kaiming-uniform, B = 0  ->  ΔW = 0 at step 0
+    )
+
+
+def train(
+    task: str,
+    train_file: str | Path,
+    output: str | Path,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    base: str | Path | None = None,
+    eval_file: str | Path | None = None,
+    val_fraction: float | None = None,
+    text_column: str | None = None,
+    label_column: str = "label",
+    labels: Sequence[str] | None = None,
+    force: bool = False,
+    command: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA adapter and write it (PEFT folder + edgelora.json) to ``output`` atomically."""
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    if task not in TRAIN_TASKS:
+        raise EdgeloraError(f"--task {task!r} is not trainable; use one of {', '.join(TRAIN_TASKS)}")
+    if eval_file is not None and val_fraction is not None:
+        raise EdgeloraError("pass either --eval FILE or --val-fraction, not both")
+    check_output_dir(Path(output), force)  # fail before minutes of training, not after
+    base_path = resolve_base(base)
+    base_name = DEFAULT_BASE_NAME if base_path == bundled_base_path() else str(base)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    except (OSError, ValueError) as exc:
+        raise EdgeloraError(f"base {base_path} has no usable tokenizer ({exc}); add tokenizer files") from None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise EdgeloraError(f"the tokenizer of {base_path} has neither a pad nor an EOS token")
+
+    # -- data -------------------------------------------------------------------------------
+    head = HeadSpec()
+    if task == "sequence-classification":
+        train_ex = data_mod.read_classification(train_file, text_column, label_column)
+        eval_ex = data_mod.read_classification(eval_file, text_column, label_column) if eval_file else None
+        if val_fraction is not None:
+            train_ex, eval_ex = data_mod.split(train_ex, val_fraction, cfg.seed)
+        names = list(labels) if labels else sorted({e.label for e in train_ex})
+        if len(names) < 2:
+            raise EdgeloraError(f"{train_file} has only the label {names}; classification needs ≥ 2 labels")
+        label_ids = {name: i for i, name in enumerate(names)}
+        items = tokenize_classification(tokenizer, train_ex, label_ids, cfg.max_length, str(train_file))
+        eval_items = (tokenize_classification(tokenizer, eval_ex, label_ids, cfg.max_length, str(eval_file or train_file))
+                      if eval_ex else None)
+        head = HeadSpec(len(names), tuple(names))
+
+        def collate(b: Sequence[Item]) -> dict[str, torch.Tensor]:
+            return collate_classification(b, pad_id)
+    else:
+        lm_train = data_mod.read_lm(train_file)
+        lm_eval = data_mod.read_lm(eval_file) if eval_file else None
+        if val_fraction is not None:
+            lm_train, lm_eval = data_mod.split(lm_train, val_fraction, cfg.seed)
+        items = tokenize_lm(tokenizer, lm_train, cfg.max_length)
+        eval_items = tokenize_lm(tokenizer, lm_eval, cfg.max_length) if lm_eval else None
+        names = None
+
+        def collate(b: Sequence[Item]) -> dict[str, torch.Tensor]:
+            return collate_lm(b, pad_id)
+
+    # -- model ------------------------------------------------------------------------------
+    model = load_model(base_path, task, head)
+    if task == "causal-lm" and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_id
+    total_params = sum(p.numel() for p in model.parameters())
+    seed_everything(cfg.seed)  # LoRA A init depends only on the seed
+    peft_model = get_peft_model(model, lora_config(cfg, task, model.config.model_type))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+
+    evaluate = None
+    if eval_items:
+        if task == "sequence-classification":
+            evaluate = lambda: evaluate_classification(peft_model, eval_items, pad_id)  # noqa: E731
+        else:
+            evaluate = lambda: evaluate_lm(peft_model, eval_items, pad_id)  # noqa: E731
+
+    t0 = time.perf_counter()
+    history = train_loop(peft_model, params, items, collate, cfg, evaluate, progress)
+    seconds = time.perf_counter() - t0
+
+    record = AdapterRecord(
+        base_fingerprint=fingerprint(base_path),
+        base=base_name,
+        task=task,
+        labels=tuple(names) if names else None,
+        metrics={"history": history, "train_examples": len(items),
+                 "eval_examples": len(eval_items) if eval_items else 0, "seconds": round(seconds, 1),
+                 "trainable_parameters": trainable, "total_parameters": total_params},
+        command=command,
+        train_args={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                    "train_file": Path(train_file).name, "eval_file": Path(eval_file).name if eval_file else None,
+                    "val_fraction": val_fraction},
+    )
+    # PEFT records the folder it loaded from; for the bundled base that is a site-packages path.
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    with atomic_output_dir(output, force=force) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+        write_record(record, tmp)
+    return TrainResult(Path(output), history, trainable, total_params, seconds)
