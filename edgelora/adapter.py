@@ -401,7 +401,8 @@ def build_adapter(
             )
         if magnitude is not None and tuple(magnitude.shape) != (B.shape[0],):
             raise EdgeloraError(
-                f"{where}: module {module!r} DoRA magnitude has shape {tuple(magnitude.shape)}, expected ({B.shape[0]},)"
+                f"{where}: module {module!r} DoRA magnitude has shape {tuple(magnitude.shape)}, "
+                f"expected ({B.shape[0]},)"
             )
         bias = got.get(("lora_B", "bias"))
         if bias is not None and not config.lora_bias:

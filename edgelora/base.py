@@ -139,7 +139,8 @@ class HeadSpec:
     labels: tuple[str, ...] | None = None
 
 
-def load_model(folder: Path, task: str, head: HeadSpec | None = None) -> Any:
+def load_model(folder: Path, task: str, head: HeadSpec | None = None,
+               config_overrides: dict[str, Any] | None = None) -> Any:
     """Load the base as an fp32 transformers model for ``task``, in eval mode."""
     import torch
     import transformers
@@ -148,7 +149,7 @@ def load_model(folder: Path, task: str, head: HeadSpec | None = None) -> Any:
         raise EdgeloraError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     quiet_transformers()
     auto = getattr(transformers, TASKS[task][1])
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, **(config_overrides or {})}
     if head is not None and head.num_labels is not None:
         kwargs["num_labels"] = head.num_labels
         if head.labels is not None:

@@ -6,10 +6,12 @@ on good input fails). No traceback, nothing partial on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,28 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+@contextlib.contextmanager
+def _steps(total: int, desc: str, quiet: bool) -> Iterator[Callable[[str], None]]:
+    """A progress bar over named steps (on stderr, only on a terminal)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True,
+               bar_format="{desc}: {n_fmt}/{total_fmt} {postfix}")
+    started = [False]
+
+    def step(name: str) -> None:
+        if started[0]:
+            bar.update(1)
+        started[0] = True
+        bar.set_postfix_str(name)
+
+    try:
+        yield step
+        bar.update(1)
+    finally:
+        bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,7 +103,9 @@ def cli() -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--text-column", default=None, help="Text column (default: sentence or text).")
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--labels", default=None, help="Comma-separated label order (default: sorted).")
+@click.option("--labels", default=None, help="Comma-separated label values in class-id order (default: sorted).")
+@click.option("--label-names", default=None,
+              help="Comma-separated display names for the labels, in class-id order (e.g. negative,positive).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -87,7 +113,8 @@ def train(train_file: Path, output: Path, task: str, base: str | None, eval_file
           val_fraction: float | None, r: int, alpha: float, targets: str | None, dropout: float, rslora: bool,
           lr: float, batch_size: int, epochs: int, max_steps: int | None, warmup_ratio: float,
           weight_decay: float, max_length: int, seed: int, threads: int | None, text_column: str | None,
-          label_column: str, labels: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+          label_column: str, labels: str | None, label_names: str | None, force: bool, as_json: bool,
+          quiet: bool) -> None:
     """Train a LoRA adapter (A random, B zero, W_q/W_v by default) and write a PEFT folder."""
     from .train import TrainConfig
     from .train import train as run_train
@@ -103,6 +130,7 @@ def train(train_file: Path, output: Path, task: str, base: str | None, eval_file
         task, train_file, output, cfg, base=base, eval_file=eval_file, val_fraction=val_fraction,
         text_column=text_column, label_column=label_column,
         labels=[s.strip() for s in labels.split(",")] if labels else None,
+        label_names=[s.strip() for s in label_names.split(",")] if label_names else None,
         force=force, command="edgelora " + shlex.join(sys.argv[1:]), progress=not quiet,
     )
     summary = {
@@ -144,15 +172,19 @@ def _guess_task(train_file: Path) -> str:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickled adapter_model.bin (loaded weights_only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def merge(adapter: Path, output: Path, base: str | None, force: bool, allow_pickle: bool, as_json: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def merge(adapter: Path, output: Path, base: str | None, force: bool, allow_pickle: bool, as_json: bool,
+          quiet: bool) -> None:
     """Fold an adapter into the base in fp32 and write a normal HF model folder."""
     from .fsutil import check_output_dir
     from .merged_model import write_merged_model
     from .prepare import prepare
 
     check_output_dir(output, force)  # before loading anything
-    prepared = prepare(base, adapter, allow_pickle=allow_pickle)
-    write_merged_model(prepared, output, force=force)
+    with _steps(5, "merge", quiet) as step:
+        prepared = prepare(base, adapter, allow_pickle=allow_pickle, progress=step)
+        step("merging in fp32 and writing")
+        write_merged_model(prepared, output, force=force)
     summary = {
         "output": str(output),
         "base": str(prepared.base_path),

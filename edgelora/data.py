@@ -75,7 +75,7 @@ def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
                 raise EdgeloraError(
                     f"{path} line {n} has {len(fields)} fields, the header has {len(header)}; fix that line"
                 )
-            rows.append(dict(zip(header, fields)))
+            rows.append(dict(zip(header, fields, strict=True)))
         return header, rows
     raise EdgeloraError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv or .jsonl")
 

@@ -9,9 +9,16 @@ from typing import Any
 
 from . import names
 from .adapter import CONFIG_NAME, load_adapter
-from .base import MERGED_MARKER, fingerprint, read_config, resolve_base, weight_files
+from .base import MERGED_MARKER, fingerprint, read_config, resolve_base, task_from_peft, weight_files
 from .errors import EdgeloraError
 from .hashing import read_safetensors_header
+
+
+def _task_name(task_type: str | None) -> str | None:
+    try:
+        return task_from_peft(task_type)
+    except EdgeloraError:
+        return task_type
 
 
 def _folder_size(folder: Path) -> int:
@@ -30,7 +37,7 @@ def describe_adapter(path: str | os.PathLike[str], *, base: str | None = None, a
     out: dict[str, Any] = {
         "kind": "adapter",
         "path": str(path),
-        "task": record.task if record and record.task else cfg.task_type,
+        "task": record.task if record and record.task else _task_name(cfg.task_type),
         "rank": cfg.r,
         "alpha": cfg.lora_alpha,
         "scale": scales[0] if len(scales) == 1 else scales,

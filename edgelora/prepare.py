@@ -7,6 +7,7 @@ checks run in one place and before any work is written.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,17 @@ def prepare(
     adapter: str | os.PathLike[str] | Adapter,
     *,
     allow_pickle: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> Prepared:
-    """Load ``base`` for ``adapter``'s task and check the adapter fits it (nothing is merged)."""
+    """Load ``base`` for ``adapter``'s task and check the adapter fits it (nothing is merged).
+
+    ``progress(step)`` is called as each step starts (for a progress bar).
+    """
+    report = progress or (lambda step: None)
+    report("reading adapter")
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    report("fingerprinting base")
     base_path = resolve_base(base)
     marker = read_config(base_path).get(MERGED_MARKER)
     if marker:
@@ -49,6 +57,8 @@ def prepare(
     check_fingerprint(adapter, fp, str(base if base is not None else "(bundled)"))
     task = task_from_peft(adapter.config.task_type)
     head = infer_head(adapter, base_path, task)
+    report("loading base")
     model = load_model(base_path, task, head)
+    report("validating adapter against base")
     plan = plan_merge(adapter, model)
     return Prepared(base_path, fp, task, head, adapter, model, plan)

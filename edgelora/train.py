@@ -21,7 +21,16 @@ import torch
 
 from . import data as data_mod
 from .adapter import AdapterRecord, write_record
-from .base import DEFAULT_BASE_NAME, HeadSpec, TASKS, bundled_base_path, fingerprint, load_model, resolve_base
+from .base import (
+    DEFAULT_BASE_NAME,
+    TASKS,
+    HeadSpec,
+    bundled_base_path,
+    fingerprint,
+    load_model,
+    read_config,
+    resolve_base,
+)
 from .errors import EdgeloraError
 from .fsutil import atomic_output_dir, check_output_dir
 
@@ -46,6 +55,10 @@ class TrainConfig:
     max_length: int = 128  # tokens per example (longer ones are truncated)
     seed: int = 0
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    # Dropout on the base's attention probabilities. 0 (default) lets PyTorch run its fused
+    # attention kernel in training: ~2x faster attention, ~1/3 less activation memory (measured on
+    # MiniLM, SST-2 batches). None keeps the model's own value (0.1 for BERT and GPT-2).
+    attention_dropout: float | None = 0.0
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -61,6 +74,8 @@ class TrainConfig:
             (self.max_length >= 2, f"--max-length is {self.max_length}; it must be ≥ 2"),
             (self.threads is None or self.threads >= 1, f"--threads is {self.threads}; it must be ≥ 1"),
             (self.targets is None or len(self.targets) > 0, "--targets is empty; name at least one module"),
+            (self.attention_dropout is None or 0.0 <= self.attention_dropout < 1.0,
+             f"--attention-dropout is {self.attention_dropout}; it must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -74,6 +89,7 @@ class TrainResult:
     trainable_parameters: int = 0
     total_parameters: int = 0
     seconds: float = 0.0
+    model: Any = field(default=None, repr=False)  # the trained PEFT model (in memory, unmerged)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -85,6 +101,29 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 
 Item = tuple[list[int], Any]  # (token ids, label: class id, or per-token labels for LM)
+
+
+def return_freed_memory_to_os(threshold_bytes: int = 256 * 1024) -> bool:
+    """Make glibc give freed tensor buffers back to the OS at once (process-wide; Linux/glibc only).
+
+    Length-bucketed batches change activation shapes every step. glibc's default raises its mmap
+    threshold to the largest freed buffer (up to 32 MB), so activations then come from the heap,
+    which fragments and is never returned: measured on MiniLM/SST-2, a LoRA run's RSS grew to
+    about twice its live tensors. A fixed threshold keeps every buffer ≥ 256 KB in its own mapping.
+    Returns whether the setting took effect.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
+    except (OSError, AttributeError):  # not glibc (musl, ...): keep the default allocator
+        return False
 
 
 def seed_everything(seed: int) -> None:
@@ -101,7 +140,7 @@ def tokenize_classification(tokenizer: Any, examples: Sequence[data_mod.Example]
             "fix the file or pass --labels"
         )
     enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
-    return [(ids, label_ids[e.label]) for ids, e in zip(enc["input_ids"], examples)]
+    return [(ids, label_ids[e.label]) for ids, e in zip(enc["input_ids"], examples, strict=True)]
 
 
 def collate_classification(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
@@ -197,6 +236,23 @@ def evaluate_lm(model: Any, items: Sequence[Item], pad_id: int, batch_size: int 
 # ---------------------------------------------------------------------------------------------
 
 
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator,
+                            pool: int = 64) -> list[list[int]]:
+    """Random batches of similar-length examples (less padding: ~3x fewer tokens on SST-2).
+
+    Shuffle, cut into pools of ``pool`` batches, sort each pool by length, split it into batches,
+    shuffle the batches. Every example is used once per epoch; the batch count is unchanged.
+    """
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    batches: list[list[int]] = []
+    span = batch_size * pool
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in perm]
+
+
 def train_loop(
     model: Any,
     params: Sequence[torch.nn.Parameter],
@@ -219,18 +275,18 @@ def train_loop(
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
     gen = torch.Generator().manual_seed(cfg.seed)
+    lengths = [len(ids) for ids, _ in items]
     history: list[dict[str, Any]] = []
     step = 0
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     model.train()
     ema = None
     for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(items), generator=gen).tolist()
         loss_sum, n = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
+        for batch_idx in length_bucketed_batches(lengths, cfg.batch_size, gen):
             if step >= total:
                 break
-            batch = collate([items[i] for i in order[start : start + cfg.batch_size]])
+            batch = collate([items[i] for i in batch_idx])
             loss = model(**batch).loss
             loss.backward()
             opt.step()
@@ -247,7 +303,7 @@ def train_loop(
         if evaluate is not None:
             metrics = evaluate()
             entry.update({f"eval_{k}": v for k, v in metrics.items()})
-            bar.write("epoch {}: ".format(epoch) + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
+            bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
                                                              if isinstance(v, float)))
         history.append(entry)
         if step >= total:
@@ -261,20 +317,52 @@ def train_loop(
 # ---------------------------------------------------------------------------------------------
 
 
-def lora_config(cfg: TrainConfig, task: str, model_type: str) -> Any:
-    """PEFT ``LoraConfig`` for the paper's recipe; targets default to PEFT's W_q, W_v table."""
+# The config field that holds attention-probability dropout, per model family (BERT-likes, GPT-2,
+# LLaMA/Qwen2-likes). transformers has no common name for it.
+ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")
+
+
+def load_for_training(base_path: Path, task: str, head: HeadSpec, cfg: TrainConfig) -> Any:
+    """The base model, fp32, with the training-time config overrides of ``cfg`` applied."""
+    overrides: dict[str, Any] = {}
+    if cfg.attention_dropout is not None:
+        base_config = read_config(base_path)
+        overrides = {f: cfg.attention_dropout for f in ATTENTION_DROPOUT_FIELDS if f in base_config}
+    return load_model(base_path, task, head, overrides)
+
+
+def lora_config(cfg: TrainConfig, task: str, model: Any) -> Any:
+    """PEFT ``LoraConfig`` for the paper's recipe; targets default to PEFT's W_q, W_v table.
+
+    Every target must name a module of ``model``; ``fan_in_fan_out`` is set when the targets are
+    GPT-2 style ``Conv1D`` layers (weights stored (in, out)), instead of PEFT flipping it silently.
+    """
     from peft import LoraConfig
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+    from transformers.pytorch_utils import Conv1D
 
+    from .names import matches_target, short_name
+
+    model_type = model.config.model_type
     targets = list(cfg.targets) if cfg.targets else DEFAULT_TARGETS.get(model_type)
     if not targets:
         raise EdgeloraError(f"no default LoRA targets for model type {model_type!r}; pass --targets q_proj,v_proj")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    for target in targets:
+        if not any(matches_target(name, [target]) for name in layers):
+            known = sorted({short_name(n) for n in layers})
+            raise EdgeloraError(
+                f"--targets {target!r} names no Linear layer of this {model_type} model "
+                f"(its layers: {', '.join(known)}); pick from those"
+            )
+    fan_in_fan_out = any(isinstance(m, Conv1D) for n, m in layers.items() if matches_target(n, targets))
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         target_modules=list(targets),
         lora_dropout=cfg.dropout,
         use_rslora=cfg.rslora,
+        fan_in_fan_out=fan_in_fan_out,
         task_type=TASKS[task][0],
         init_lora_weights=True,  # A ~ Kaiming-uniform, B = 0  ->  ΔW = 0 at step 0
     )
@@ -292,6 +380,7 @@ def train(
     text_column: str | None = None,
     label_column: str = "label",
     labels: Sequence[str] | None = None,
+    label_names: Sequence[str] | None = None,
     force: bool = False,
     command: str | None = None,
     progress: bool = True,
@@ -309,6 +398,7 @@ def train(
     base_name = DEFAULT_BASE_NAME if base_path == bundled_base_path() else str(base)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    return_freed_memory_to_os()
     seed_everything(cfg.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_path))
@@ -330,8 +420,16 @@ def train(
             raise EdgeloraError(f"{train_file} has only the label {names}; classification needs ≥ 2 labels")
         label_ids = {name: i for i, name in enumerate(names)}
         items = tokenize_classification(tokenizer, train_ex, label_ids, cfg.max_length, str(train_file))
-        eval_items = (tokenize_classification(tokenizer, eval_ex, label_ids, cfg.max_length, str(eval_file or train_file))
+        eval_source = str(eval_file or train_file)
+        eval_items = (tokenize_classification(tokenizer, eval_ex, label_ids, cfg.max_length, eval_source)
                       if eval_ex else None)
+        if label_names is not None:
+            if len(label_names) != len(names):
+                raise EdgeloraError(
+                    f"--label-names has {len(label_names)} names but there are {len(names)} labels "
+                    f"({', '.join(names)}); give one name per label, in that order"
+                )
+            names = list(label_names)  # display names, in label-id order; the files keep their values
         head = HeadSpec(len(names), tuple(names))
 
         def collate(b: Sequence[Item]) -> dict[str, torch.Tensor]:
@@ -349,12 +447,12 @@ def train(
             return collate_lm(b, pad_id)
 
     # -- model ------------------------------------------------------------------------------
-    model = load_model(base_path, task, head)
+    model = load_for_training(base_path, task, head, cfg)
     if task == "causal-lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id
     total_params = sum(p.numel() for p in model.parameters())
     seed_everything(cfg.seed)  # LoRA A init depends only on the seed
-    peft_model = get_peft_model(model, lora_config(cfg, task, model.config.model_type))
+    peft_model = get_peft_model(model, lora_config(cfg, task, model))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
 
@@ -388,4 +486,4 @@ def train(
         peft_model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
         write_record(record, tmp)
-    return TrainResult(Path(output), history, trainable, total_params, seconds)
+    return TrainResult(Path(output), history, trainable, total_params, seconds, peft_model)

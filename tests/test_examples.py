@@ -1,0 +1,67 @@
+"""The committed example adapters and the CLI on the real bundled base (all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA, load_task_model, peft_reference
+
+from edgelora.base import bundled_base_path, fingerprint
+from edgelora.data import read_classification
+
+EXAMPLES = REPO / "examples" / "adapters"
+
+
+def test_help_lists_every_command(cli):
+    res = cli("--help")
+    assert res.code == 0
+    for command in ("train", "merge", "inspect"):
+        assert f"  {command} " in res.out
+
+
+@pytest.mark.parametrize("task, labels", [("sst2", ["negative", "positive"]),
+                                          ("agnews", ["Business", "Sci/Tech", "Sports", "World"])])
+def test_example_adapter_inspects_and_is_small(task, labels, cli):
+    res = cli("inspect", EXAMPLES / task, "--json")
+    assert res.code == 0, res.err
+    info = json.loads(res.out)
+    assert info["rank"] == 8 and info["alpha"] == 16 and info["scale"] == 2.0
+    assert info["targets"] == ["query", "value"] and info["lora_modules"] == 12
+    assert info["modules_to_save"] == ["classifier.bias", "classifier.weight"]
+    assert info["base_fingerprint"] == fingerprint(bundled_base_path())
+    assert info["labels"] == labels
+    assert info["size_bytes"] < 1_000_000
+    assert info["metrics"]["eval_accuracy"] > 0.8
+    assert info["trainable_parameters"] == 73_728 + 385 * len(labels)
+
+
+def test_example_adapter_merge_matches_peft_on_the_real_base(tmp_path, cli):
+    res = cli("merge", "--adapter", EXAMPLES / "sst2", "-o", tmp_path / "m", "--json")
+    assert res.code == 0, res.err
+    ours = load_task_model(tmp_path / "m", "SEQ_CLS")
+    _, reference = peft_reference(bundled_base_path(), EXAMPLES / "sst2", "SEQ_CLS", num_labels=2)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    batch = tok(["a gorgeous, witty, seductive movie", "the plot is a dull mess", "it is what it is"],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got, want = ours(**batch).logits, reference(**batch).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    assert ours.config.id2label == {0: "negative", 1: "positive"}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sst2" / "dev.tsv").is_file(), reason="needs ../shared/data")
+def test_merged_sst2_example_classifies_dev_sentences(tmp_path, cli):
+    assert cli("merge", "--adapter", EXAMPLES / "sst2", "-o", tmp_path / "m").code == 0
+    from transformers import AutoTokenizer
+
+    model = load_task_model(tmp_path / "m", "SEQ_CLS")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    rows = read_classification(SHARED_DATA / "sst2" / "dev.tsv")[:400]
+    with torch.inference_mode():
+        logits = model(**tok([r.text for r in rows], padding=True, return_tensors="pt")).logits
+    accuracy = (logits.argmax(-1) == torch.tensor([int(r.label) for r in rows])).float().mean().item()
+    assert accuracy >= 0.85

@@ -1,0 +1,48 @@
+"""The distribution: a non-editable wheel installs edgelora with converters under its namespace,
+package data included, and its command works from the installed copy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(REPO)], check=True, capture_output=True, text=True)
+    [whl] = list(out.glob("edgelora-*.whl"))
+    return whl
+
+
+def test_wheel_layout(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "edgelora/py.typed" in names
+    assert "edgelora/converters/__init__.py" in names
+    assert "edgelora/cli.py" in names
+    assert not any(n.startswith(("converters/", "tests/", "benchmarks/")) for n in names)
+    toml = sorted(n for n in names if n.startswith("edgelora/targets/") and n.endswith(".toml"))
+    assert toml == sorted(f"edgelora/targets/{p.name}" for p in (REPO / "targets").glob("*.toml"))
+
+
+def test_installed_wheel_runs_from_its_own_copy(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = ("import edgelora, edgelora.converters, edgelora.cli; "
+            "print(edgelora.__file__); print(edgelora.converters.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, check=True, capture_output=True,
+                         text=True).stdout.split()
+    assert all(Path(p).is_relative_to(target) for p in out), out
+    res = subprocess.run([sys.executable, "-m", "edgelora.cli", "inspect", str(REPO / "examples/adapters/sst2"),
+                          "--json"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert '"rank": 8' in res.stdout
