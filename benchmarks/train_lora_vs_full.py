@@ -74,7 +74,9 @@ def _model(method: str, base, args: argparse.Namespace):
 
     lora = method == "lora"
     cfg = TrainConfig(r=8, alpha=16, lr=args.lora_lr if lora else args.full_lr, batch_size=args.batch_size,
-                      max_steps=args.steps, epochs=100, seed=args.seed)
+                      max_steps=args.steps, epochs=100, seed=args.seed,
+                      targets=tuple(args.lora_targets.split(",")),
+                      loraplus_ratio=args.loraplus_ratio if lora and args.loraplus_ratio > 0 else None)
     seed_everything(cfg.seed)
     model = load_for_training(base, "sequence-classification", HeadSpec(2, ("0", "1")), cfg)
     total = sum(p.numel() for p in model.parameters())
@@ -109,6 +111,7 @@ def child(args: argparse.Namespace) -> dict:
     from edgelora.train import (
         collate_classification,
         evaluate_classification,
+        make_optimizer,
         return_freed_memory_to_os,
         train_loop,
     )
@@ -121,7 +124,8 @@ def child(args: argparse.Namespace) -> dict:
     rss_loaded = _status("VmRSS")
     _reset_peak_rss()
     t0 = time.perf_counter()
-    train_loop(model, params, train_items, lambda b: collate_classification(b, 0), cfg, None, progress=False)
+    train_loop(model, params, train_items, lambda b: collate_classification(b, 0), cfg, None, progress=False,
+               optimizer=make_optimizer(model, params, cfg))
     wall = time.perf_counter() - t0
     peak = _status("VmHWM")
     metrics = evaluate_classification(model, dev_items, 0)
@@ -144,7 +148,12 @@ def throughput_child(args: argparse.Namespace) -> dict:
     """Both models in one process; alternate one LoRA step and one full step on the same batch."""
     import torch
 
-    from edgelora.train import collate_classification, length_bucketed_batches, return_freed_memory_to_os
+    from edgelora.train import (
+        collate_classification,
+        length_bucketed_batches,
+        make_optimizer,
+        return_freed_memory_to_os,
+    )
 
     lean = args.child == "throughput-lean"
     if lean:
@@ -153,7 +162,7 @@ def throughput_child(args: argparse.Namespace) -> dict:
     runs = {}
     for method in ("lora", "full"):
         model, params, _, cfg = _model(method, base, args)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, foreach=True)  # as train_loop builds it
+        opt = make_optimizer(model, params, cfg)  # as train_loop builds it
         runs[method] = (model, opt)
         model.train()
     order = length_bucketed_batches([len(ids) for ids, _ in train_items], args.batch_size,
@@ -182,7 +191,7 @@ def throughput_child(args: argparse.Namespace) -> dict:
 def run_child(method: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method]
     for key in ("steps", "batch_size", "lora_lr", "full_lr", "threads", "seed", "warmup", "train", "dev",
-                "throughput_steps"):
+                "throughput_steps", "lora_targets", "loraplus_ratio"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     what = f"{args.throughput_steps} alternating steps" if method.startswith("throughput") else f"{args.steps} steps"
     print(f"[{time.strftime('%H:%M:%S')}] {method}: {what} ...", file=sys.stderr, flush=True)
@@ -246,6 +255,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--full-lr", type=float, default=5e-5)
+    ap.add_argument("--lora-targets", default="query,value", help="LoRA target modules")
+    ap.add_argument("--loraplus-ratio", type=float, default=0, help="LoRA+ lr ratio of B over A (0: plain LoRA)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the step-time median")

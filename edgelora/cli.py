@@ -92,7 +92,9 @@ def cli() -> None:
               help="Comma-separated module names to adapt (default: the family's W_q, W_v).")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the LoRA input.")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised scale alpha/sqrt(r).")
-@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Learning rate (of A, with LoRA+).")
+@click.option("--loraplus-ratio", type=float, default=None,
+              help="LoRA+: B learns this many times faster than A (e.g. 16); default plain LoRA.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
@@ -101,6 +103,10 @@ def cli() -> None:
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--attention-dropout", type=float, default=0.0, show_default=True,
+              help="Dropout on the base's attention probabilities (0 enables the fused attention kernel).")
+@click.option("--lean-allocator/--default-allocator", default=True, show_default=True,
+              help="Return freed activation memory to the OS (about half the memory, ~20% slower steps).")
 @click.option("--text-column", default=None, help="Text column (default: sentence or text).")
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--labels", default=None, help="Comma-separated label values in class-id order (default: sorted).")
@@ -111,8 +117,10 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(train_file: Path, output: Path, task: str, base: str | None, eval_file: Path | None,
           val_fraction: float | None, r: int, alpha: float, targets: str | None, dropout: float, rslora: bool,
-          lr: float, batch_size: int, epochs: int, max_steps: int | None, warmup_ratio: float,
-          weight_decay: float, max_length: int, seed: int, threads: int | None, text_column: str | None,
+          lr: float, loraplus_ratio: float | None, batch_size: int, epochs: int, max_steps: int | None,
+          warmup_ratio: float,
+          weight_decay: float, max_length: int, seed: int, threads: int | None, attention_dropout: float,
+          lean_allocator: bool, text_column: str | None,
           label_column: str, labels: str | None, label_names: str | None, force: bool, as_json: bool,
           quiet: bool) -> None:
     """Train a LoRA adapter (A random, B zero, W_q/W_v by default) and write a PEFT folder."""
@@ -123,8 +131,10 @@ def train(train_file: Path, output: Path, task: str, base: str | None, eval_file
         task = _guess_task(train_file)
     cfg = TrainConfig(
         r=r, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None,
-        dropout=dropout, rslora=rslora, lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
+        dropout=dropout, rslora=rslora, lr=lr, loraplus_ratio=loraplus_ratio, batch_size=batch_size, epochs=epochs,
+        max_steps=max_steps,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_length=max_length, seed=seed, threads=threads,
+        attention_dropout=attention_dropout, lean_allocator=lean_allocator,
     )
     result = run_train(
         task, train_file, output, cfg, base=base, eval_file=eval_file, val_fraction=val_fraction,

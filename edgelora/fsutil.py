@@ -32,12 +32,18 @@ def atomic_output_dir(path: str | os.PathLike[str], force: bool = False) -> Iter
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result is a normal folder
     except OSError as exc:
         raise EdgeloraError(
             f"cannot write output {final}: {exc.strerror or exc}; choose a writable location"
         ) from None
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~umask)
         if final.exists():
             # --force (or an empty folder): move the old one aside first so the swap is two renames.
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))

@@ -200,3 +200,15 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path):
     assert res.stderr.strip().splitlines() == [f"error: adapter folder {tmp_path / 'missing'} does not exist; "
                                                "check the path"]
     assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_has_normal_permissions(adapter, tiny_dir, tmp_path, cli):
+    import os
+    import stat
+
+    assert cli("merge", "--base", tiny_dir("bert"), "--adapter", adapter, "-o", tmp_path / "m").code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o777 & ~umask
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f

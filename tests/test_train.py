@@ -155,3 +155,23 @@ def test_train_bad_input(tiny_dir, tmp_path, cli):
     (tmp_path / "out" / "x").write_text("keep")
     res = cli("train", "-o", tmp_path / "out", "--train", good, "--base", base)
     assert res.code == 2 and "--force" in res.err and tree(tmp_path / "out") == ["x"]
+
+
+def test_loraplus_gives_b_matrices_the_larger_learning_rate(tiny_dir):
+    from peft import get_peft_model
+
+    from edgelora.train import make_optimizer
+
+    model = load_model(tiny_dir("llama"), "causal-lm")
+    cfg = TrainConfig(r=4, lr=1e-3, loraplus_ratio=16)
+    peft_model = get_peft_model(model, lora_config(cfg, "causal-lm", model))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = make_optimizer(peft_model, params, cfg)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in peft_model.named_parameters():
+        if "lora_A" in name:
+            assert lr_of[id(p)] == pytest.approx(1e-3)
+        elif "lora_B" in name:
+            assert lr_of[id(p)] == pytest.approx(16e-3)
+    plain = make_optimizer(peft_model, params, TrainConfig(r=4, lr=1e-3))
+    assert [g["lr"] for g in plain.param_groups] == [1e-3]
