@@ -1,0 +1,59 @@
+"""ONNX fp32 -> quantized or cast ONNX, with ``onnxruntime.quantization`` (never by hand).
+
+- int8: dynamic quantization (weights int8 per channel, activations quantized at run time).
+- int4: weight-only blockwise ``MatMulNBits``; embeddings too (``GatherBlockQuantized``) where
+  the target asks, so the largest tensor of a decoder shrinks as well.
+- fp16: ``onnxconverter_common``-free cast via ONNX Runtime's ``float16`` converter (keeps I/O fp32).
+
+API: ``quantize(src, dst, target) -> None``. Always called on a graph that already holds the merged
+fp32 weights: merge first, quantize after.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+
+def quantize(src: Path, dst: Path, target: Any) -> None:
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    if target.precision == "int8":
+        _int8(src, dst, target.quantization)
+    elif target.precision == "int4":
+        _int4(src, dst, target.quantization)
+    elif target.precision == "fp16":
+        _fp16(src, dst)
+    else:
+        raise ValueError(f"precision {target.precision!r} is not a quantization")
+
+
+def _int8(src: Path, dst: Path, q: Any) -> None:
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), per_channel=q.per_channel, reduce_range=q.reduce_range,
+                     weight_type=QuantType.QInt8 if q.weight_type == "qint8" else QuantType.QUInt8,
+                     # fused graphs hold com.microsoft ops that ONNX shape inference cannot type: they are float
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
+
+
+def _int4(src: Path, dst: Path, q: Any) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    ops = ("MatMul", "Gather") if q.quantize_embeddings else ("MatMul",)
+    quant = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=q.block_size, is_symmetric=q.symmetric,
+                                 accuracy_level=q.accuracy_level, op_types_to_quantize=ops,
+                                 quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quant.process()
+    quant.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def _fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
