@@ -231,6 +231,78 @@ def inspect(path: Path, base: str | None, allow_pickle: bool, as_json: bool) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise EdgeloraError(f"{flag} {v!r} must be NAME=PATH, e.g. {flag} sst2=examples/adapters/sst2")
+        if name in out:
+            raise EdgeloraError(f"{flag} {name} is given twice; use one NAME=PATH per task")
+        out[name] = path
+    return out
+
+
+@cli.command()
+@click.option("--base", default=None, help=_BASE_HELP)
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="A task: its name and PEFT adapter folder (repeat). Default: the example adapters.")
+@click.option("--target", default="cpu-fp32", show_default=True,
+              help="Deployment target: a bundled name (cpu-fp32, cpu-int8, cpu-int4, cuda-fp16) or a .toml file.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Deployment folder to write (default: out/<target>).")
+@click.option("--eval", "evals", multiple=True, metavar="NAME=FILE",
+              help="Labelled file for task NAME: engine and PyTorch accuracy go in the report (repeat).")
+@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for timing engines.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickled adapter_model.bin files (loaded weights_only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def export(base: str | None, adapters: tuple[str, ...], target: str, output: Path | None, evals: tuple[str, ...],
+           threads: int, force: bool, allow_pickle: bool, as_json: bool, quiet: bool) -> None:
+    """Export a base engine, per-task deltas and baked engines for a target, verified against PyTorch."""
+    from .export import default_adapters, format_table, report_rows
+    from .export import export as run_export
+    from .target import load_target
+
+    tgt = load_target(target)
+    pairs: dict[str, Any] = _pairs(adapters, "--adapter") if adapters else default_adapters()
+    output = output or Path("out") / tgt.name
+    if threads < 1:
+        raise EdgeloraError(f"--threads is {threads}; it must be ≥ 1")
+    steps = 5 + 4 * len(pairs) + len(evals)
+    with _steps(steps, f"export {tgt.name}", quiet) as step:
+        result = run_export(base, pairs, tgt, output, evals=_pairs(evals, "--eval"), force=force,
+                            allow_pickle=allow_pickle, threads=threads, progress=step)
+    if as_json:
+        _print_json(result.report)
+        return
+    click.echo(f"wrote {output} ({tgt.name}, {result.seconds:.1f} s)")
+    click.echo(format_table(report_rows(result.report)))
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads for every engine and PyTorch.")
+@click.option("--rounds", type=int, default=8, show_default=True, help="Interleaved rounds (10 timed runs each).")
+@click.option("--no-peft", is_flag=True, help="Skip PEFT's unmerged model in PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def bench(folder: Path, threads: int, rounds: int, no_peft: bool, as_json: bool) -> None:
+    """Latency of a deployment folder's engines side by side (medians, ratios to the base engine)."""
+    from .bench import bench as run_bench
+    from .bench import bench_table
+
+    if threads < 1 or rounds < 1:
+        raise EdgeloraError("--threads and --rounds must be ≥ 1")
+    result = run_bench(folder, threads=threads, rounds=rounds, peft=not no_peft)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(bench_table(result))
+
+
+# ---------------------------------------------------------------------------------------------
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     click.echo(f"warning: {message}", err=True)
 

@@ -1,0 +1,371 @@
+"""edgelora export: engines vs the real peft library, the name map and deltas, targets, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_peft_adapter, peft_reference, tree
+from edgelora.converters.onnx_names import WeightLocation
+from onnx import numpy_helper
+
+from edgelora.deploy import read_delta, read_manifest
+
+FAMILIES = {
+    "bert": ("SEQ_CLS", {"target_modules": ["query", "value"], "r": 4, "lora_alpha": 8}, 3),
+    "gpt2": ("CAUSAL_LM", {"target_modules": ["c_attn", "c_proj"], "r": 4, "lora_alpha": 16, "fan_in_fan_out": True},
+             None),
+    "llama": ("CAUSAL_LM", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 4, "lora_alpha": 8,
+                            "use_rslora": True}, None),
+    "qwen2": ("CAUSAL_LM", {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4, "lora_alpha": 8,
+                            "rank_pattern": {"down_proj": 2}}, None),
+}
+
+
+@pytest.fixture(scope="module")
+def family_adapters(tiny_dir, tmp_path_factory):
+    """family -> (base, {task: adapter folder}) made by the real peft library."""
+    out = {}
+    for family, (task_type, kw, labels) in FAMILIES.items():
+        root = tmp_path_factory.mktemp(f"ad_{family}")
+        out[family] = (tiny_dir(family), {
+            f"t{s}": make_peft_adapter(tiny_dir(family), root / f"t{s}", seed=s, num_labels=labels,
+                                       task_type=task_type, **kw) for s in (1, 2)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(family_adapters, tmp_path_factory):
+    """family -> fp32 deployment folder (both tasks), written through the CLI entry point."""
+    from edgelora.cli import main
+
+    out = {}
+    for family, (base, adapters) in family_adapters.items():
+        dst = tmp_path_factory.mktemp(f"dep_{family}") / "out"
+        args = ["export", "--base", str(base), "--target", "cpu-fp32", "-o", str(dst), "-q"]
+        for name, path in adapters.items():
+            args += ["--adapter", f"{name}={path}"]
+        try:
+            main(args)
+        except SystemExit as exc:
+            assert exc.code in (0, None), f"export {family} failed"
+        out[family] = dst
+    return out
+
+
+def _ids(vocab: int, batch: int = 2, seq: int = 12) -> np.ndarray:
+    return np.random.default_rng(7).integers(3, vocab, size=(batch, seq), dtype=np.int64)
+
+
+def _engine_logits(path: Path, ids: np.ndarray, manifest_io: dict) -> np.ndarray:
+    """Logits for ``ids`` from an engine: one call for classifiers; prefill + 2 cached steps for LMs."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    mask = np.ones_like(ids)
+    if manifest_io["kind"] != "causal-lm":
+        return sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    names = [o.name for o in sess.get_outputs()]
+    cut = ids.shape[1] - 2
+    feeds = {"input_ids": ids[:, :cut], "attention_mask": mask[:, :cut]}
+    feeds |= {n: np.zeros((ids.shape[0], manifest_io["num_kv_heads"], 0, manifest_io["head_dim"]), np.float32)
+              for n in manifest_io["inputs"] if n.startswith("past_key_values.")}
+    pieces = []
+    for end in (cut, cut + 1, cut + 2):
+        out = dict(zip(names, sess.run(None, feeds), strict=False))
+        pieces.append(out["logits"])
+        feeds = {"input_ids": ids[:, end:end + 1], "attention_mask": mask[:, :end + 1]}
+        feeds |= {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
+    return np.concatenate(pieces, axis=1)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp32_engines_match_peft_merge_and_unload(family, family_adapters, exported):
+    """Every baked engine equals peft's merge_and_unload model (max |Δlogits| ≤ 1e-4), KV cache included."""
+    base, adapters = family_adapters[family]
+    task_type, _, labels = FAMILIES[family]
+    manifest = read_manifest(exported[family])
+    report = json.loads((exported[family] / "report.json").read_text())
+    assert report["target"] == "cpu-fp32"
+    for name, adapter in adapters.items():
+        _, merged = peft_reference(base, adapter, task_type, labels)
+        ids = _ids(merged.config.vocab_size)
+        with torch.no_grad():
+            ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+        entry = manifest["tasks"][name]
+        got = _engine_logits(exported[family] / entry["engine"], ids, entry["engine_io"])
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-4, (family, name, np.abs(got - ref).max())
+        assert report["tasks"][name]["max_abs_diff"] <= 1e-4
+        assert report["tasks"][name]["agreement"] == 1.0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_base_engine_plus_delta_rebuilds_the_task(family, family_adapters, exported):
+    """The name map and the delta file are enough to rebuild each task from the base engine:
+    write W0 + s·B·A into the mapped initializers (pristine W0 each time) and the graph computes
+    what peft's merged model computes."""
+    base, adapters = family_adapters[family]
+    task_type, _, labels = FAMILIES[family]
+    dep = exported[family]
+    manifest = read_manifest(dep)
+    base_graph = onnx.load(str(dep / manifest["base"]["engine"]))
+    inits = {i.name: i for i in base_graph.graph.initializer}
+    locations = {m: WeightLocation.from_json(d) for m, d in manifest["name_map"]["modules"].items()}
+    pristine = {loc.initializer: numpy_helper.to_array(inits[loc.initializer]).copy() for loc in locations.values()}
+
+    unmerged_ref, _ = peft_reference(base, adapters["t1"], task_type, labels)
+    w0 = {n: p.detach().numpy() for n, p in unmerged_ref.get_base_model().state_dict().items()}
+    for module, loc in locations.items():  # the map points at W0 itself, in the graph's layout
+        key = next(k for k in w0 if k.endswith(f"{module}.base_layer.weight") or k == f"{module}.weight")
+        expected = w0[key].T if FAMILIES[family][1].get("fan_in_fan_out") else w0[key]
+        np.testing.assert_array_equal(loc.read(pristine[loc.initializer]), expected)
+
+    for name, adapter in adapters.items():
+        modules, head = read_delta(dep / manifest["tasks"][name]["delta"])
+        assert set(modules) == set(manifest["tasks"][name]["modules"])
+        arrays = {k: v.copy() for k, v in pristine.items()}
+        for module, d in modules.items():
+            loc = locations[module]
+            loc.write(arrays[loc.initializer], loc.read(pristine[loc.initializer]) + d.scale * (d.B @ d.A))
+        model = onnx.load(str(dep / manifest["base"]["engine"]))
+        for init in model.graph.initializer:
+            if init.name in arrays:
+                init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+        rebuilt = Path(dep.parent / f"rebuilt-{name}.onnx")
+        onnx.save(model, str(rebuilt))
+        _, merged = peft_reference(base, adapter, task_type, labels)
+        ids = _ids(merged.config.vocab_size)
+        if manifest["task"] == "causal-lm":
+            got = _engine_logits(rebuilt, ids, manifest["base"]["io"])
+            with torch.no_grad():
+                ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+        else:  # headless encoder + the task's head from the delta file, applied as the runtime will
+            sess = ort.InferenceSession(str(rebuilt), providers=["CPUExecutionProvider"])
+            pooled = sess.run(["pooler_output"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+            got = pooled @ head["classifier.weight"].T + head["classifier.bias"]
+            with torch.no_grad():
+                ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+        assert np.abs(got - ref).max() <= 1e-4, (family, name, np.abs(got - ref).max())
+
+
+def test_manifest_and_report_follow_the_schema(exported, family_adapters):
+    dep = exported["bert"]
+    manifest = read_manifest(dep)
+    report = json.loads((dep / "report.json").read_text())
+    assert manifest["format"] == 1 and manifest["task"] == "sequence-classification"
+    from edgelora.base import fingerprint
+
+    assert manifest["base"]["fingerprint"] == report["base"]["fingerprint"] == fingerprint(family_adapters["bert"][0])
+    assert set(report["base"]) >= {"fingerprint", "size_bytes", "latency_ms"}
+    for name in ("t1", "t2"):
+        t = report["tasks"][name]
+        assert set(t) >= {"accuracy", "torch_accuracy", "max_abs_diff", "cosine", "agreement", "latency_ms",
+                          "engine_size_bytes", "delta_size_bytes"}
+        assert t["accuracy"] is None and t["torch_accuracy"] is None  # no --eval given
+        assert t["engine_size_bytes"] == (dep / manifest["tasks"][name]["engine"]).stat().st_size
+        assert t["delta_size_bytes"] == (dep / manifest["tasks"][name]["delta"]).stat().st_size
+        assert manifest["tasks"][name]["rank"] == 4 and manifest["tasks"][name]["targets"] == ["query", "value"]
+    assert (dep / "report.md").read_text().count("|") > 10
+    assert len(manifest["name_map"]["modules"]) == 2 * 2  # query, value of 2 layers
+    assert manifest["name_map"]["graph"] == ("fused fp32" if manifest["base"]["fused"] else "fp32")
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_engines_stay_within_their_tolerance(precision, family_adapters, tmp_path, cli):
+    """Quantized bert and llama engines: the export passes its own check, and an independent check
+    against peft's merged model agrees with the numbers in the report."""
+    target = tmp_path / f"t-{precision}.toml"
+    # tiny random models have almost flat logits: the tolerance is loose, the check is real
+    method = "dynamic" if precision == "int8" else "matmul_nbits"
+    opset = 17 if precision == "int8" else 21
+    min_cos = 0.9 if precision == "int8" else 0.8  # 4 bits on a 32-wide random model: coarse, but checked
+    target.write_text(f'name = "tiny-{precision}"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\n'
+                      f'precision = "{precision}"\nopset = {opset}\n[quantization]\nmethod = "{method}"\n'
+                      f'block_size = 16\n[tolerance]\nmax_abs_diff = 5.0\nmin_cosine = {min_cos}\n'
+                      'min_agreement = 0.3\n')
+    for family in ("bert", "llama"):
+        base, adapters = family_adapters[family]
+        res = cli("export", "--base", base, "--adapter", f"t1={adapters['t1']}", "--target", target,
+                  "-o", tmp_path / family, "-q", "--json")
+        assert res.code == 0, res.err
+        report = json.loads(res.out)
+        manifest = read_manifest(tmp_path / family)
+        graph = onnx.load(str(tmp_path / family / manifest["tasks"]["t1"]["engine"]))
+        ops = {n.op_type for n in graph.graph.node}
+        if precision == "int4":
+            assert "MatMulNBits" in ops
+        else:
+            assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention"}, ops
+        task_type, _, labels = FAMILIES[family]
+        _, merged = peft_reference(base, adapters["t1"], task_type, labels)
+        ids = _ids(merged.config.vocab_size)
+        with torch.no_grad():
+            ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+        got = _engine_logits(tmp_path / family / manifest["tasks"]["t1"]["engine"], ids,
+                             manifest["tasks"]["t1"]["engine_io"])
+        cos = float((got.ravel() @ ref.ravel()) / np.linalg.norm(got) / np.linalg.norm(ref))
+        assert cos >= min_cos and np.abs(got - ref).max() <= 5.0, (family, cos)
+        assert 0 < np.abs(got - ref).max()  # it really is quantized
+        assert report["tasks"]["t1"]["cosine"] >= min_cos
+
+
+def test_export_is_repeatable_and_forceable(family_adapters, tmp_path, cli):
+    base, adapters = family_adapters["qwen2"]
+    args = ["export", "--base", base, "--adapter", f"a={adapters['t1']}", "-o", tmp_path / "o", "-q"]
+    assert cli(*args).code == 0
+    first = {p: (tmp_path / "o" / p).read_bytes() for p in ("base/model.onnx", "tasks/a/delta.safetensors",
+                                                             "tasks/a/model.onnx")}
+    res = cli(*args)
+    assert res.code == 2 and "--force" in res.err
+    assert cli(*args, "--force").code == 0
+    for p, data in first.items():
+        assert (tmp_path / "o" / p).read_bytes() == data, p
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temp folders left beside it
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, nothing on disk
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_line_error(res, *needles):
+    lines = res.err.strip().splitlines()
+    assert res.code == 2, res
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_unknown_target_name(family_adapters, tmp_path, cli):
+    base, adapters = family_adapters["bert"]
+    res = cli("export", "--base", base, "--adapter", f"a={adapters['t1']}", "--target", "tpu-int2",
+              "-o", tmp_path / "o")
+    _one_line_error(res, "unknown target 'tpu-int2'", "cpu-int8")
+    assert tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "int3"\nopset = 17\n',
+     "precision = 'int3'"),
+    ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "fp32"\n', "'opset'"),
+    ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "fp32"\nopset = "17"\n',
+     "'opset'"),
+    ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "fp32"\nopset = 17\n'
+     '[shapes]\nbatch = 1\nseqlen = 128\n', "unknown field 'seqlen'"),
+    ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "int4"\nopset = 21\n'
+     '[quantization]\nmethod = "matmul_nbits"\nblock_size = 24\n', "block_size = 24"),
+    ('name = "x\nbackend', "not valid TOML"),
+])
+def test_target_file_with_a_wrong_field(text, needle, family_adapters, tmp_path, cli):
+    base, adapters = family_adapters["bert"]
+    (tmp_path / "t.toml").write_text(text)
+    res = cli("export", "--base", base, "--adapter", f"a={adapters['t1']}", "--target", tmp_path / "t.toml",
+              "-o", tmp_path / "o")
+    _one_line_error(res, str(tmp_path / "t.toml"), needle)
+    assert tree(tmp_path) == ["t.toml"]
+
+
+def test_adapter_for_another_base(tiny_dir, tmp_path, cli):
+    """The example adapter records the MiniLM fingerprint: refused on any other base, before any work."""
+    from conftest import REPO
+
+    res = cli("export", "--base", tiny_dir("bert"), "--adapter", f"s={REPO / 'examples/adapters/sst2'}",
+              "-o", tmp_path / "o")
+    _one_line_error(res, "fingerprint")
+    assert tree(tmp_path) == []
+
+
+def test_adapter_for_modules_the_base_does_not_have(family_adapters, tiny_dir, tmp_path, cli):
+    _, adapters = family_adapters["bert"]  # query/value of a BERT on a LLaMA base
+    res = cli("export", "--base", tiny_dir("llama"), "--adapter", f"a={adapters['t1']}", "-o", tmp_path / "o")
+    _one_line_error(res, "query")
+    assert tree(tmp_path) == []
+
+
+def test_adapter_on_a_module_the_exporter_cannot_map(tiny_dir, tmp_path, cli):
+    """LoRA on GPT-2's lm_head: its weight is the tied embedding, which the graph holds twice (the
+    Gather table and a transposed copy for the head MatMul). Placing a delta would be a guess."""
+    base = tiny_dir("gpt2")
+    adapter = make_peft_adapter(base, tmp_path / "ad", task_type="CAUSAL_LM", target_modules=["lm_head"], r=2,
+                                lora_alpha=4)
+    res = cli("export", "--base", base, "--adapter", f"a={adapter}", "-o", tmp_path / "o")
+    _one_line_error(res, "lm_head")
+    assert tree(tmp_path / "o") == [] and not any(p.name.startswith(".o.") for p in tmp_path.iterdir())
+
+
+def test_unwritable_output(family_adapters, tmp_path, cli):
+    import os
+
+    base, adapters = family_adapters["bert"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        res = cli("export", "--base", base, "--adapter", f"a={adapters['t1']}", "-o", locked / "o")
+        _one_line_error(res, str(locked / "o"))
+    finally:
+        locked.chmod(0o700)
+    assert tree(locked) == []
+
+
+def test_output_under_a_file_is_refused(family_adapters, tmp_path, cli):
+    base, adapters = family_adapters["bert"]
+    (tmp_path / "f").write_text("x")
+    res = cli("export", "--base", base, "--adapter", f"a={adapters['t1']}", "-o", tmp_path / "f" / "o")
+    _one_line_error(res, str(tmp_path / "f" / "o"))
+    assert tree(tmp_path) == ["f"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--adapter", "nopath"], "NAME=PATH"),
+    (["--adapter", "a=/nonexistent/adapter"], "/nonexistent/adapter"),
+    (["--eval", "zzz=x.tsv"], "no adapter named 'zzz'"),
+    (["--threads", "0"], "--threads"),
+])
+def test_bad_arguments(args, needle, family_adapters, tmp_path, cli):
+    base, adapters = family_adapters["bert"]
+    extra = [] if args[0] == "--adapter" else ["--adapter", f"a={adapters['t1']}"]
+    res = cli("export", "--base", base, *extra, *args, "-o", tmp_path / "o")
+    _one_line_error(res, needle)
+    assert tree(tmp_path) == []
+
+
+def test_tolerance_miss_fails_with_exit_1_and_leaves_nothing(family_adapters, tmp_path, cli):
+    base, adapters = family_adapters["bert"]
+    target = tmp_path / "strict.toml"
+    target.write_text('name = "strict-int8"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\n'
+                      'precision = "int8"\nopset = 17\n[quantization]\nmethod = "dynamic"\n'
+                      '[tolerance]\nmax_abs_diff = 1e-9\n')
+    res = cli("export", "--base", base, "--adapter", f"a={adapters['t1']}", "--target", target, "-o", tmp_path / "o")
+    assert res.code == 1 and "failed verification" in res.err and "max |Δ|" in res.err
+    assert len(res.err.strip().splitlines()) == 1
+    assert tree(tmp_path) == ["strict.toml"]
+
+
+def test_bundled_targets_load_and_are_installed_with_the_package():
+    from edgelora.target import bundled_targets, load_target
+
+    names = set(bundled_targets())
+    assert {"cpu-fp32", "cpu-int8", "cpu-int4", "cuda-fp16"} <= names
+    t = load_target("cpu-int4")
+    assert t.precision == "int4" and t.quantization.block_size >= 16 and t.opset >= 21
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
+        t.precision = "fp32"
+
+
+def test_cuda_target_without_a_gpu_says_so(family_adapters, tmp_path, cli):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a GPU runtime is installed here")
+    base, adapters = family_adapters["bert"]
+    res = cli("export", "--base", base, "--adapter", f"a={adapters['t1']}", "--target", "cuda-fp16",
+              "-o", tmp_path / "o")
+    _one_line_error(res, "CUDAExecutionProvider", "edgelora[gpu]")
+    assert tree(tmp_path) == []
