@@ -17,7 +17,7 @@ EXAMPLES = REPO / "examples" / "adapters"
 def test_help_lists_every_command(cli):
     res = cli("--help")
     assert res.code == 0
-    for command in ("train", "merge", "inspect"):
+    for command in ("train", "merge", "inspect", "export", "bench"):
         assert f"  {command} " in res.out
 
 
@@ -65,3 +65,28 @@ def test_merged_sst2_example_classifies_dev_sentences(tmp_path, cli):
         logits = model(**tok([r.text for r in rows], padding=True, return_tensors="pt")).logits
     accuracy = (logits.argmax(-1) == torch.tensor([int(r.label) for r in rows])).float().mean().item()
     assert accuracy >= 0.85
+
+
+def test_default_export_is_the_main_job(tmp_path, cli, monkeypatch):
+    """`edgelora export` with no adapters: bundled base + both example adapters, verified, then benched."""
+    monkeypatch.chdir(tmp_path)
+    res = cli("export", "-q", "--json", "--eval", f"sst2={REPO / 'examples/data/sst2-dev-500.tsv'}")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    dep = tmp_path / "out" / "cpu-fp32"
+    manifest = json.loads((dep / "manifest.json").read_text())
+    assert set(manifest["tasks"]) == {"sst2", "agnews"}
+    assert manifest["base"]["fingerprint"] == fingerprint(bundled_base_path())
+    assert manifest["tasks"]["agnews"]["labels"] == ["Business", "Sci/Tech", "Sports", "World"]
+    for name in ("sst2", "agnews"):
+        assert report["tasks"][name]["max_abs_diff"] <= 1e-4 and report["tasks"][name]["agreement"] == 1.0
+    sst2 = report["tasks"]["sst2"]
+    assert sst2["accuracy"] == sst2["torch_accuracy"] and sst2["accuracy"] >= 0.85
+    # the fused encoder packs q, k, v into one weight: the map records the slice of each target
+    assert all(loc["slice"] is not None for loc in manifest["name_map"]["modules"].values())
+
+    res = cli("bench", dep, "--rounds", "1", "--json")
+    assert res.code == 0, res.err
+    engines = json.loads(res.out)["engines"]
+    assert {"base", "sst2", "agnews", "sst2 (PEFT unmerged, PyTorch)"} <= set(engines)
+    assert all(e["median_ms"] > 0 for e in engines.values())

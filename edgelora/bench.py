@@ -1,0 +1,135 @@
+"""``edgelora bench DIR``: latency of a deployment folder's engines, side by side, as ratios.
+
+Every engine of the folder (the base engine and each baked task engine) and, where torch and the
+adapter folders are at hand, PEFT's unmerged model in PyTorch, run the same input at the target's
+shape (encoders: batch × sequence tokens; decoders: one decode step at that context) with the same
+thread count. Runs are interleaved in blocks (a few warm-up calls, then timed calls, engine after
+engine, for several rounds) so that machine noise hits all of them alike; the result is the median
+per engine and its ratio to the base engine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .deploy import read_manifest
+from .errors import EdgeloraError
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 8, per_round: int = 10, warmup: int = 3
+                ) -> dict[str, dict[str, float]]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "runs": len(v)}
+            for k, v in times.items()}
+
+
+def _peft_unmerged(manifest: dict[str, Any], name: str, threads: int) -> Callable[[], Any] | None:
+    """PEFT's unmerged LoRA model in PyTorch for one task, or None where it cannot be built here."""
+    entry = manifest["tasks"][name]
+    path = entry.get("adapter_path")
+    if not path or not Path(path).is_dir():
+        return None
+    try:
+        import torch
+        from peft import PeftModel
+
+        from .prepare import prepare
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    base = None if manifest["base"]["name"] == "all-MiniLM-L6-v2" else manifest["base"]["name"]
+    model = PeftModel.from_pretrained(prepare(base, path).model, path).eval()
+    return model
+
+
+def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int = 10, peft: bool = True
+          ) -> dict[str, Any]:
+    import numpy as np
+
+    from .latency import latency_inputs
+    from .verify import session
+
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        raise EdgeloraError(f"{folder} has no manifest.json; pass a folder written by edgelora export")
+    manifest = read_manifest(folder)
+    target = manifest["target"]
+    batch, seq = target["shapes"]["batch"], target["shapes"]["sequence"]
+    vocab = int(manifest["base"]["vocab_size"])
+    engines = {"base": (folder / manifest["base"]["engine"], manifest["base"]["io"])}
+    for name, entry in manifest["tasks"].items():
+        if entry.get("engine"):
+            engines[name] = (folder / entry["engine"], entry["engine_io"])
+    fns: dict[str, Callable[[], Any]] = {}
+    feeds_of: dict[str, dict[str, np.ndarray]] = {}
+    for name, (path, io) in engines.items():
+        sess = session(path, target["provider"], threads)
+        feeds = latency_inputs(sess, io, batch, seq, vocab)
+        feeds_of[name] = feeds
+        fns[name] = (lambda s=sess, f=feeds: s.run(None, f))
+    peft_models: dict[str, str] = {}
+    if peft:
+        for name in manifest["tasks"]:
+            model = _peft_unmerged(manifest, name, threads)
+            if model is None:
+                continue
+            import torch
+
+            f = feeds_of["base"]
+            ids = torch.from_numpy(np.ascontiguousarray(f["input_ids"]))
+            if manifest["task"] == "causal-lm":
+                # one decode step at the same context: a cache of sequence-1 positions, one new token
+                with torch.no_grad():
+                    prefix = torch.randint(5, vocab, (batch, seq - 1), generator=torch.Generator().manual_seed(0))
+                    cache = model(input_ids=prefix, use_cache=True).past_key_values
+
+                def step(m: Any = model, c: Any = cache, i: Any = ids) -> Any:
+                    with torch.no_grad():
+                        out = m(input_ids=i, past_key_values=c, use_cache=True)
+                    c.crop(seq - 1)  # back to the same context for the next call
+                    return out
+
+                fns[f"{name} (PEFT unmerged, PyTorch)"] = step
+            else:
+                mask = torch.ones_like(ids)
+
+                def fwd(m: Any = model, i: Any = ids, k: Any = mask) -> Any:
+                    with torch.no_grad():
+                        return m(input_ids=i, attention_mask=k)
+
+                fns[f"{name} (PEFT unmerged, PyTorch)"] = fwd
+            peft_models[name] = f"{name} (PEFT unmerged, PyTorch)"
+    times = interleaved(fns, rounds, per_round)
+    base_ms = times["base"]["median_ms"]
+    rows = {}
+    for name, t in times.items():
+        row = {**t, "vs_base": t["median_ms"] / base_ms}
+        task = name.split(" (")[0]
+        if task in engines and task != "base" and name != task:
+            row["vs_baked"] = t["median_ms"] / times[task]["median_ms"]
+        rows[name] = row
+    shape = f"decode step at context {seq}" if manifest["task"] == "causal-lm" else f"batch {batch} × {seq} tokens"
+    return {"folder": str(folder), "target": target["name"], "threads": threads, "shape": shape, "engines": rows}
+
+
+def bench_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['folder']}: {result['target']}, {result['shape']}, {result['threads']} threads, "
+             "interleaved runs, medians"]
+    width = max(len(k) for k in result["engines"])
+    lines.append(f"{'engine'.ljust(width)}  {'median':>10}  {'vs base':>8}  {'vs baked':>8}")
+    for name, r in result["engines"].items():
+        baked = f"{r['vs_baked']:.2f}x" if "vs_baked" in r else "-"
+        lines.append(f"{name.ljust(width)}  {r['median_ms']:8.2f}ms  {r['vs_base']:7.3f}x  {baked:>8}")
+    return "\n".join(lines)
