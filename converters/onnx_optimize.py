@@ -30,12 +30,15 @@ def optimize(src: Path, dst: Path, family: str, config: Any) -> bool:
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     options = FusionOptions(model_type)
     # The attention mask is 0/1 int64 per token, as the tokenizer gives it.
     options.use_raw_attention_mask(True)
-    model = optimizer.optimize_model(str(src), model_type=model_type, num_heads=config.num_attention_heads,
-                                     hidden_size=config.hidden_size, optimization_options=options, opt_level=0,
-                                     use_gpu=False, only_onnxruntime=False)
-    model.save_model_to_file(str(dst))
+    logging.disable(logging.WARNING)  # its fusion modules log notes to stdout (breaks --json)
+    try:
+        model = optimizer.optimize_model(str(src), model_type=model_type, num_heads=config.num_attention_heads,
+                                         hidden_size=config.hidden_size, optimization_options=options, opt_level=0,
+                                         use_gpu=False, only_onnxruntime=False)
+        model.save_model_to_file(str(dst))
+    finally:
+        logging.disable(logging.NOTSET)
     return True

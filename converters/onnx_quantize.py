@@ -17,16 +17,22 @@ from typing import Any
 
 
 def quantize(src: Path, dst: Path, target: Any) -> None:
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
-    if target.precision == "int8":
-        _int8(src, dst, target.quantization)
-    elif target.precision == "int4":
-        _int4(src, dst, target.quantization)
-    elif target.precision == "fp16":
-        _fp16(src, dst)
-    else:
-        raise ValueError(f"precision {target.precision!r} is not a quantization")
+    import warnings
+
+    logging.disable(logging.WARNING)  # the quantizers log per-node notes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy divide warnings on all-zero blocks
+            if target.precision == "int8":
+                _int8(src, dst, target.quantization)
+            elif target.precision == "int4":
+                _int4(src, dst, target.quantization)
+            elif target.precision == "fp16":
+                _fp16(src, dst)
+            else:
+                raise ValueError(f"precision {target.precision!r} is not a quantization")
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _int8(src: Path, dst: Path, q: Any) -> None:

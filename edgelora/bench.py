@@ -1,7 +1,9 @@
 """``edgelora bench DIR``: latency of a deployment folder's engines, side by side, as ratios.
 
-Every engine of the folder (the base engine and each baked task engine) and, where torch and the
-adapter folders are at hand, PEFT's unmerged model in PyTorch, run the same input at the target's
+Every engine of the folder (the base engine and each baked task engine), the base with each task's
+LoRA as separate branches whose A, B are graph inputs (``base/lora.onnx``: how ONNX Runtime's
+multi-LoRA API runs adapters) and, where torch and the adapter folders are at hand, PEFT's unmerged
+model in PyTorch, run the same input at the target's
 shape (encoders: batch × sequence tokens; decoders: one decode step at that context) with the same
 thread count. Runs are interleaved in blocks (a few warm-up calls, then timed calls, engine after
 engine, for several rounds) so that machine noise hits all of them alike; the result is the median
@@ -79,7 +81,19 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
         feeds = latency_inputs(sess, io, batch, seq, vocab)
         feeds_of[name] = feeds
         fns[name] = (lambda s=sess, f=feeds: s.run(None, f))
-    peft_models: dict[str, str] = {}
+    lora_graph = manifest.get("lora_graph")
+    if lora_graph:
+        from .converters.onnx_lora import branch_feeds
+        from .converters.onnx_names import WeightLocation
+        from .deploy import read_delta
+
+        lsess = session(folder / lora_graph["engine"], target["provider"], threads)
+        locations = {m: WeightLocation.from_json(d) for m, d in lora_graph["modules"].items()}
+        inputs = {m: tuple(v) for m, v in lora_graph["inputs"].items()}
+        for name, entry in manifest["tasks"].items():
+            modules, _ = read_delta(folder / entry["delta"])
+            feeds = {**feeds_of["base"], **branch_feeds(modules, inputs, locations)}
+            fns[f"{name} (LoRA branches, ONNX)"] = (lambda s=lsess, f=feeds: s.run(None, f))
     if peft:
         for name in manifest["tasks"]:
             model = _peft_unmerged(manifest, name, threads)
@@ -98,7 +112,7 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
                 def step(m: Any = model, c: Any = cache, i: Any = ids) -> Any:
                     with torch.no_grad():
                         out = m(input_ids=i, past_key_values=c, use_cache=True)
-                    c.crop(seq - 1)  # back to the same context for the next call
+                    c.crop(-i.shape[1])  # drop the new token: the same context for the next call
                     return out
 
                 fns[f"{name} (PEFT unmerged, PyTorch)"] = step
@@ -110,7 +124,6 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
                         return m(input_ids=i, attention_mask=k)
 
                 fns[f"{name} (PEFT unmerged, PyTorch)"] = fwd
-            peft_models[name] = f"{name} (PEFT unmerged, PyTorch)"
     times = interleaved(fns, rounds, per_round)
     base_ms = times["base"]["median_ms"]
     rows = {}

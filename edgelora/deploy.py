@@ -5,6 +5,7 @@
     OUT/
       manifest.json            format, base fingerprint, target, io spec, tasks, name map
       base/model.onnx          the base engine (target precision)
+      base/lora.onnx           the same, unfused, with LoRA branches whose A, B are graph inputs
       tasks/NAME/delta.safetensors   A, B per module (fp32) + head tensors; scales in the manifest
       tasks/NAME/model.onnx    the baked (merged) engine, when the target bakes them
       tokenizer/               the base's tokenizer files
@@ -27,6 +28,7 @@ import numpy as np
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BASE_ENGINE = "base/model.onnx"
+LORA_ENGINE = "base/lora.onnx"  # the base with LoRA branches whose A, B are inputs
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 TOKENIZER_DIR = "tokenizer"

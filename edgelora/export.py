@@ -31,6 +31,7 @@ from .base import DEFAULT_BASE_NAME, bundled_base_path, read_config
 from .deploy import (
     BASE_ENGINE,
     FORMAT_VERSION,
+    LORA_ENGINE,
     MANIFEST,
     REPORT_JSON,
     REPORT_MD,
@@ -136,6 +137,7 @@ def export(
     threads: int = 2,
     progress: Callable[[str], None] | None = None,
     latency_runs: int = 30,
+    keep_failed: bool = False,
 ) -> ExportResult:
     report_step = progress or (lambda step: None)
     t_start = time.perf_counter()
@@ -212,6 +214,7 @@ def export(
             m for m in _within(base_parity, tol) if m.startswith("cosine")]
         if base_miss:
             failures.append(f"base: {'; '.join(base_miss)}")
+        lora_graph = _lora_graph(work, out, w0, target) if target.lora_graph else None
         plain_latency = None
         if fused and target.precision == "fp32":
             plain_latency = _latency_only(work / "base.raw.onnx", spec, target, base_model, threads, latency_runs)
@@ -225,7 +228,7 @@ def export(
             write_delta(out / delta_path(name), modules, head)
             entry: dict[str, Any] = {
                 "adapter_hash": p.plan.adapter_hash,
-                "adapter_path": str(p.adapter.source) if p.adapter.source else None,
+                "adapter_path": str(Path(p.adapter.source).resolve()) if p.adapter.source else None,
                 "labels": list(p.head.labels) if p.head.labels else None,
                 "num_labels": p.head.num_labels,
                 "rank": max((t.lora.rank for t in p.plan.targets), default=0),
@@ -241,6 +244,14 @@ def export(
             rep: dict[str, Any] = {"accuracy": None, "torch_accuracy": None, "max_abs_diff": None, "cosine": None,
                                    "agreement": None, "latency_ms": None, "engine_size_bytes": None,
                                    "delta_size_bytes": _file_size(out / delta_path(name))}
+            if lora_graph is not None:
+                report_step(f"task {name}: unmerged (LoRA branches) check")
+                merge_into_model(p.model, p.plan)
+                parity = _verify_lora_graph(out, lora_graph, modules, p.model, spec, target, headless, threads)
+                rep["unmerged_max_abs_diff"], rep["unmerged_cosine"] = parity.max_abs_diff, parity.cosine
+                miss = [m for m in _within(parity, tol) if not headless or m.startswith("cosine")]
+                if miss:
+                    failures.append(f"{name} (LoRA branches): {'; '.join(miss)}")
             if target.bake_task_engines:
                 report_step(f"task {name}: merge + engine")
                 merge_into_model(p.model, p.plan)
@@ -276,7 +287,7 @@ def export(
         report_step("writing manifest and report")
         (out / TOKENIZER_DIR).mkdir()
         copy_tokenizer(base_path, out / TOKENIZER_DIR)
-        base_name = DEFAULT_BASE_NAME if base_path == bundled_base_path() else str(base_path)
+        base_name = DEFAULT_BASE_NAME if base_path == bundled_base_path() else str(Path(base_path).resolve())
         manifest = {
             "format": FORMAT_VERSION,
             "edgelora_version": __version__,
@@ -288,6 +299,7 @@ def export(
             "tokenizer": TOKENIZER_DIR if any((out / TOKENIZER_DIR).iterdir()) else None,
             "name_map": {"graph": "fused fp32" if fused else "fp32",
                          "modules": {m: loc.to_json() for m, loc in sorted(name_map.items())}},
+            "lora_graph": lora_graph,
             "tasks": manifest_tasks,
         }
         seconds = time.perf_counter() - t_start
@@ -305,10 +317,58 @@ def export(
         write_json(out / MANIFEST, manifest)
         write_json(out / REPORT_JSON, report)
         (out / REPORT_MD).write_text(report_markdown(report), encoding="utf-8")
-        if failures:
-            raise ExportFailed(f"export to {target.name} failed verification: " + " | ".join(failures)
-                               + f"; tolerances are in {target.source}")
+        report["failures"] = failures
+        write_json(out / REPORT_JSON, report)
+        if failures and not keep_failed:
+            raise ExportFailed(_failure_message(target, failures))
+    if failures:  # kept on request: the folder is there to inspect, the status still says it failed
+        raise ExportFailed(_failure_message(target, failures) + f" (kept in {output})")
     return ExportResult(output, report, time.perf_counter() - t_start, failures)
+
+
+def _failure_message(target: Target, failures: list[str]) -> str:
+    return (f"export to {target.name} failed verification: " + " | ".join(failures)
+            + f"; tolerances are in {target.source}")
+
+
+def _lora_graph(work: Path, out: Path, w0: Mapping[str, np.ndarray], target: Target) -> dict[str, Any]:
+    """base/lora.onnx: the unfused base export with LoRA branches (A, B as inputs), target precision."""
+    import onnx
+
+    from .converters import onnx_quantize
+    from .converters.onnx_lora import add_lora_branches
+    from .converters.onnx_names import NameMapError, build_name_map
+
+    graph = onnx.load(str(work / "base.raw.onnx"))
+    try:
+        locations = build_name_map(graph, w0)
+        inputs = add_lora_branches(graph, locations)
+    except NameMapError as exc:
+        raise EdgeloraError(str(exc)) from None
+    fp32 = work / "base.lora.onnx"
+    onnx.save(graph, str(fp32))
+    final = fp32
+    if target.precision != "fp32":  # the branches read graph inputs, so they stay fp32
+        final = work / f"base.lora.{target.precision}.onnx"
+        onnx_quantize.quantize(fp32, final, target)
+    shutil.copy2(final, out / LORA_ENGINE)
+    return {"engine": LORA_ENGINE, "inputs": {m: list(v) for m, v in sorted(inputs.items())},
+            "modules": {m: loc.to_json() for m, loc in sorted(locations.items())}}
+
+
+def _verify_lora_graph(out: Path, lora_graph: Mapping[str, Any], modules: Mapping[str, DeltaModule], model: Any,
+                       spec: dict[str, Any], target: Target, headless: bool, threads: int) -> Any:
+    from .converters.onnx_lora import branch_feeds
+    from .converters.onnx_names import WeightLocation
+    from .verify import check_causal_lm, check_encoder, fixed_inputs, session
+
+    sess = session(out / lora_graph["engine"], target.provider, threads)
+    locations = {m: WeightLocation.from_json(d) for m, d in lora_graph["modules"].items()}
+    extra = branch_feeds(modules, {m: tuple(v) for m, v in lora_graph["inputs"].items()}, locations)
+    inputs = fixed_inputs(int(model.config.vocab_size), max(2, target.shapes.batch), target.shapes.sequence)
+    if spec["kind"] == "causal-lm":
+        return check_causal_lm(sess, model, spec, inputs, extra)
+    return check_encoder(sess, model, inputs, headless, extra)
 
 
 def _within(parity: Any, tol: Any) -> list[str]:

@@ -62,6 +62,9 @@ class Target:
     description: str = ""
     optimize: bool = True
     bake_task_engines: bool = True
+    # Also write base/lora.onnx: the base with LoRA as branches whose A, B are inputs (unmerged tasks,
+    # mixed-task batches, the bench's unmerged alternative).
+    lora_graph: bool = True
     quantization: Quantization = field(default_factory=Quantization)
     shapes: Shapes = field(default_factory=Shapes)
     tolerance: Tolerance = field(default_factory=Tolerance)
@@ -132,7 +135,7 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         if key in data:
             kwargs[key] = _section(cls, data.pop(key), f"{where}: [{key}]")
     required = {"name": str, "backend": str, "provider": str, "precision": str, "opset": int}
-    optional = {"description": str, "optimize": bool, "bake_task_engines": bool}
+    optional = {"description": str, "optimize": bool, "bake_task_engines": bool, "lora_graph": bool}
     for key in data:
         if key not in required and key not in optional:
             raise EdgeloraError(f"{where}: unknown field '{key}'; known fields: "

@@ -78,9 +78,10 @@ def torch_encoder_outputs(model: Any, inputs: dict[str, np.ndarray], headless: b
         return {"logits": model(input_ids=ids, attention_mask=mask).logits.numpy()}
 
 
-def check_encoder(sess: Any, model: Any, inputs: dict[str, np.ndarray], headless: bool) -> Parity:
+def check_encoder(sess: Any, model: Any, inputs: dict[str, np.ndarray], headless: bool,
+                  extra: dict[str, np.ndarray] | None = None) -> Parity:
     names = [o.name for o in sess.get_outputs()]
-    got = dict(zip(names, sess.run(None, inputs), strict=False))
+    got = dict(zip(names, sess.run(None, {**inputs, **(extra or {})}), strict=False))
     ref = torch_encoder_outputs(model, inputs, headless)
     key = "logits" if "logits" in ref else ("pooler_output" if "pooler_output" in ref else "last_hidden_state")
     worst = compare(got[key], ref[key])
@@ -120,17 +121,21 @@ def empty_cache(spec: Any, batch: int, dtype: Any = np.float32) -> dict[str, np.
             for name in spec["inputs"] if name.startswith("past_key_values.")}
 
 
-def check_causal_lm(sess: Any, model: Any, spec: dict[str, Any], inputs: dict[str, np.ndarray]) -> Parity:
+def check_causal_lm(sess: Any, model: Any, spec: dict[str, Any], inputs: dict[str, np.ndarray],
+                    extra: dict[str, np.ndarray] | None = None) -> Parity:
     """Prefill then one cached decode step, against the full-sequence torch forward pass."""
     ids, mask = inputs["input_ids"], np.ones_like(inputs["input_ids"])  # causal LMs: no padding here
     batch, seq = ids.shape
     prefill_len = seq - 1
-    feeds = {"input_ids": ids[:, :prefill_len], "attention_mask": mask[:, :prefill_len], **empty_cache(spec, batch)}
+    extra = extra or {}
+    feeds = {"input_ids": ids[:, :prefill_len], "attention_mask": mask[:, :prefill_len], **empty_cache(spec, batch),
+             **extra}
     out = sess.run(None, feeds)
     names = [o.name for o in sess.get_outputs()]
     present = dict(zip(names, out, strict=False))
     step = {"input_ids": ids[:, prefill_len:], "attention_mask": mask}
     step |= {n.replace("present.", "past_key_values."): v for n, v in present.items() if n.startswith("present.")}
+    step |= extra
     last = sess.run(["logits"], step)[0]
     got = np.concatenate([present["logits"], last], axis=1)
     with torch.no_grad():

@@ -62,12 +62,15 @@ def _ids(vocab: int, batch: int = 2, seq: int = 12) -> np.ndarray:
     return np.random.default_rng(7).integers(3, vocab, size=(batch, seq), dtype=np.int64)
 
 
-def _engine_logits(path: Path, ids: np.ndarray, manifest_io: dict) -> np.ndarray:
-    """Logits for ``ids`` from an engine: one call for classifiers; prefill + 2 cached steps for LMs."""
+def _engine_logits(path: Path, ids: np.ndarray, manifest_io: dict, extra: dict | None = None,
+                   output: str = "logits") -> np.ndarray:
+    """Logits for ``ids`` from an engine: one call for encoders; prefill + 2 cached steps for LMs.
+    ``extra``: more feeds for every call (LoRA branch inputs)."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     mask = np.ones_like(ids)
+    extra = extra or {}
     if manifest_io["kind"] != "causal-lm":
-        return sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        return sess.run([output], {"input_ids": ids, "attention_mask": mask, **extra})[0]
     names = [o.name for o in sess.get_outputs()]
     cut = ids.shape[1] - 2
     feeds = {"input_ids": ids[:, :cut], "attention_mask": mask[:, :cut]}
@@ -75,7 +78,7 @@ def _engine_logits(path: Path, ids: np.ndarray, manifest_io: dict) -> np.ndarray
               for n in manifest_io["inputs"] if n.startswith("past_key_values.")}
     pieces = []
     for end in (cut, cut + 1, cut + 2):
-        out = dict(zip(names, sess.run(None, feeds), strict=False))
+        out = dict(zip(names, sess.run(None, {**feeds, **extra}), strict=False))
         pieces.append(out["logits"])
         feeds = {"input_ids": ids[:, end:end + 1], "attention_mask": mask[:, :end + 1]}
         feeds |= {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
@@ -149,6 +152,36 @@ def test_base_engine_plus_delta_rebuilds_the_task(family, family_adapters, expor
             got = pooled @ head["classifier.weight"].T + head["classifier.bias"]
             with torch.no_grad():
                 ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+        assert np.abs(got - ref).max() <= 1e-4, (family, name, np.abs(got - ref).max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_branch_graph_is_the_base_at_rank_0_and_each_task_with_its_delta(family, family_adapters, exported):
+    """base/lora.onnx keeps LoRA unmerged, A and B as inputs: rank 0 computes the base engine, a task's
+    delta computes what peft's merged model computes (KV cache included for decoders)."""
+    from edgelora.converters.onnx_lora import branch_feeds, zero_rank_feeds
+
+    base, adapters = family_adapters[family]
+    task_type, _, labels = FAMILIES[family]
+    dep = exported[family]
+    manifest = read_manifest(dep)
+    graph = manifest["lora_graph"]
+    locations = {m: WeightLocation.from_json(d) for m, d in graph["modules"].items()}
+    inputs = {m: tuple(v) for m, v in graph["inputs"].items()}
+    io = manifest["base"]["io"]
+    out = "logits" if io["kind"] == "causal-lm" else "pooler_output"
+    ids = _ids(manifest["base"]["vocab_size"])
+    at_zero = _engine_logits(dep / graph["engine"], ids, io, zero_rank_feeds(inputs, locations), out)
+    base_engine = _engine_logits(dep / manifest["base"]["engine"], ids, io, None, out)
+    assert np.abs(at_zero - base_engine).max() <= 1e-5
+    for name, adapter in adapters.items():
+        modules, head = read_delta(dep / manifest["tasks"][name]["delta"])
+        got = _engine_logits(dep / graph["engine"], ids, io, branch_feeds(modules, inputs, locations), out)
+        if out == "pooler_output":
+            got = got @ head["classifier.weight"].T + head["classifier.bias"]
+        _, merged = peft_reference(base, adapter, task_type, labels)
+        with torch.no_grad():
+            ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
         assert np.abs(got - ref).max() <= 1e-4, (family, name, np.abs(got - ref).max())
 
 
