@@ -2,7 +2,8 @@
 
 - int8: dynamic quantization (weights int8 per channel, activations quantized at run time).
 - int4: weight-only blockwise ``MatMulNBits``; embeddings too (``GatherBlockQuantized``) where
-  the target asks, so the largest tensor of a decoder shrinks as well.
+  the target asks, so the largest tensor of a decoder shrinks as well; MatMuls named in
+  ``eight_bit_nodes`` (attention projections in ``cpu-int4``) get 8-bit ``MatMulNBits`` instead.
 - fp16: ``onnxconverter_common``-free cast via ONNX Runtime's ``float16`` converter (keeps I/O fp32).
 
 API: ``quantize(src, dst, target) -> None``. Always called on a graph that already holds the merged
@@ -49,11 +50,19 @@ def _int4(src: Path, dst: Path, q: Any) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    model = onnx.load(str(src))
     ops = ("MatMul", "Gather") if q.quantize_embeddings else ("MatMul",)
-    quant = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=q.block_size, is_symmetric=q.symmetric,
-                                 accuracy_level=q.accuracy_level, op_types_to_quantize=ops,
+    eight = [n.name for n in model.graph.node
+             if n.op_type == "MatMul" and any(pattern in n.name for pattern in q.eight_bit_nodes)]
+    quant = MatMulNBitsQuantizer(model, bits=4, block_size=q.block_size, is_symmetric=q.symmetric,
+                                 accuracy_level=q.accuracy_level, op_types_to_quantize=ops, nodes_to_exclude=eight,
                                  quant_axes=(("MatMul", 0), ("Gather", 1)))
     quant.process()
+    if eight:  # the sensitive MatMuls (attention projections by default) at 8 bits, same kernel family
+        quant = MatMulNBitsQuantizer(quant.model.model, bits=8, block_size=q.block_size, is_symmetric=q.symmetric,
+                                     accuracy_level=q.accuracy_level, op_types_to_quantize=("MatMul",),
+                                     nodes_to_include=eight, quant_axes=(("MatMul", 0),))
+        quant.process()
     quant.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 

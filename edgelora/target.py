@@ -36,6 +36,8 @@ class Quantization:
     symmetric: bool = True
     accuracy_level: int = 4
     quantize_embeddings: bool = True
+    # int4 only: MatMuls whose node name contains one of these stay at 8 bits (MatMulNBits bits=8).
+    eight_bit_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,11 @@ def _section(cls: type, data: Any, where: str) -> Any:
         if key not in known:
             raise EdgeloraError(f"{where}: unknown field '{key}'; known fields: {', '.join(known)}")
         expected = type(getattr(cls(), key)) if cls is not Target else None
-        if expected is not None and not _type_ok(value, expected):
+        if expected is tuple:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise EdgeloraError(f"{where}.{key} = {value!r} must be a list of strings; fix the value")
+            value = tuple(value)
+        elif expected is not None and not _type_ok(value, expected):
             raise EdgeloraError(f"{where}.{key} = {value!r} must be {expected.__name__}; fix the value")
         kwargs[key] = value
     return cls(**kwargs)

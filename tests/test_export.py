@@ -220,6 +220,9 @@ def test_quantized_engines_stay_within_their_tolerance(precision, family_adapter
                       f'precision = "{precision}"\nopset = {opset}\n[quantization]\nmethod = "{method}"\n'
                       f'block_size = 16\n[tolerance]\nmax_abs_diff = 5.0\nmin_cosine = {min_cos}\n'
                       'min_agreement = 0.3\n')
+    if precision == "int4":  # attention projections at 8 bits, the rest at 4
+        target.write_text(target.read_text().replace("block_size = 16\n",
+                                                     'block_size = 16\neight_bit_nodes = ["/self_attn/"]\n'))
     for family in ("bert", "llama"):
         base, adapters = family_adapters[family]
         res = cli("export", "--base", base, "--adapter", f"t1={adapters['t1']}", "--target", target,
@@ -231,6 +234,11 @@ def test_quantized_engines_stay_within_their_tolerance(precision, family_adapter
         ops = {n.op_type for n in graph.graph.node}
         if precision == "int4":
             assert "MatMulNBits" in ops
+            bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+                    for n in graph.graph.node if n.op_type == "MatMulNBits"}
+            if family == "llama":
+                assert {b for n, b in bits.items() if "/self_attn/" in n} == {8}
+                assert {b for n, b in bits.items() if "/mlp/" in n} == {4}
         else:
             assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention"}, ops
         task_type, _, labels = FAMILIES[family]
@@ -291,6 +299,8 @@ def test_unknown_target_name(family_adapters, tmp_path, cli):
      '[shapes]\nbatch = 1\nseqlen = 128\n', "unknown field 'seqlen'"),
     ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "int4"\nopset = 21\n'
      '[quantization]\nmethod = "matmul_nbits"\nblock_size = 24\n', "block_size = 24"),
+    ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "int4"\nopset = 21\n'
+     '[quantization]\nmethod = "matmul_nbits"\neight_bit_nodes = "attn"\n', "must be a list of strings"),
     ('name = "x\nbackend', "not valid TOML"),
 ])
 def test_target_file_with_a_wrong_field(text, needle, family_adapters, tmp_path, cli):
