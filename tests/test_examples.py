@@ -90,3 +90,19 @@ def test_default_export_is_the_main_job(tmp_path, cli, monkeypatch):
     engines = json.loads(res.out)["engines"]
     assert {"base", "sst2", "agnews", "sst2 (PEFT unmerged, PyTorch)"} <= set(engines)
     assert all(e["median_ms"] > 0 for e in engines.values())
+
+
+def test_int8_export_of_the_examples_keeps_accuracy(tmp_path, cli):
+    """cpu-int8 on the real base: the export's own checks pass (bundled tolerance), the engine is about
+    a quarter of fp32, and on the shipped SST-2 sample it stays within half a point of PyTorch."""
+    out = tmp_path / "int8"
+    res = cli("export", "--target", "cpu-int8", "-o", out, "-q", "--json",
+              "--eval", f"sst2={REPO / 'examples/data/sst2-dev-500.tsv'}")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    sst2 = report["tasks"]["sst2"]
+    assert abs(sst2["accuracy"] - sst2["torch_accuracy"]) <= 0.005 + 1e-9
+    assert sst2["cosine"] >= 0.98 and sst2["agreement"] == 1.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    fp32_params = 22_713_986 * 4
+    assert (out / manifest["tasks"]["sst2"]["engine"]).stat().st_size < 0.3 * fp32_params
