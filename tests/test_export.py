@@ -412,3 +412,40 @@ def test_cuda_target_without_a_gpu_says_so(family_adapters, tmp_path, cli):
               "-o", tmp_path / "o")
     _one_line_error(res, "CUDAExecutionProvider", "edgelora[gpu]")
     assert tree(tmp_path) == []
+
+
+def _fp16_target(path: Path, provider: str) -> Path:
+    path.write_text(f'name = "fp16-test"\nbackend = "onnxruntime"\nprovider = "{provider}"\nprecision = "fp16"\n'
+                    'opset = 17\n[tolerance]\nmax_abs_diff = 0.05\nmin_cosine = 0.999\nmin_agreement = 0.9\n')
+    return path
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_fp16_engines_on_the_cpu_match_pytorch(family, family_adapters, tmp_path, cli):
+    """The fp16 cast (what cuda-fp16 ships) runs on ONNX Runtime's CPU provider too: checked here
+    against peft's merged model, so the GPU target's graph is exercised on every machine."""
+    base, adapters = family_adapters[family]
+    res = cli("export", "--base", base, "--adapter", f"a={adapters['t1']}", "--target",
+              _fp16_target(tmp_path / "t.toml", "CPUExecutionProvider"), "-o", tmp_path / "o", "-q")
+    assert res.code == 0, res.err
+    manifest = read_manifest(tmp_path / "o")
+    graph = onnx.load(str(tmp_path / "o" / manifest["tasks"]["a"]["engine"]))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
+    task_type, _, labels = FAMILIES[family]
+    _, merged = peft_reference(base, adapters["t1"], task_type, labels)
+    ids = _ids(merged.config.vocab_size)
+    with torch.no_grad():
+        ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = _engine_logits(tmp_path / "o" / manifest["tasks"]["a"]["engine"], ids, manifest["tasks"]["a"]["engine_io"])
+    assert 0 < np.abs(got - ref).max() <= 0.05
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_target_on_a_gpu(family_adapters, tmp_path, cli):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDAExecutionProvider here: pip install 'edgelora[gpu]' on a machine with an NVIDIA GPU")
+    base, adapters = family_adapters["llama"]
+    res = cli("export", "--base", base, "--adapter", f"a={adapters['t1']}", "--target", "cuda-fp16",
+              "-o", tmp_path / "o", "-q", "--json")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["tasks"]["a"]["cosine"] >= 0.999
