@@ -91,6 +91,8 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
         locations = {m: WeightLocation.from_json(d) for m, d in lora_graph["modules"].items()}
         inputs = {m: tuple(v) for m, v in lora_graph["inputs"].items()}
         for name, entry in manifest["tasks"].items():
+            if not entry.get("swappable", True):
+                continue  # DoRA / LoRA bias: not a W0 + s·B·A update, so no branch form
             modules, _ = read_delta(folder / entry["delta"])
             feeds = {**feeds_of["base"], **branch_feeds(modules, inputs, locations)}
             fns[f"{name} (LoRA branches, ONNX)"] = (lambda s=lsess, f=feeds: s.run(None, f))

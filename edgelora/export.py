@@ -99,7 +99,11 @@ def _build_engine(model: Any, task: str, headless: bool, target: Target, work: P
 
 
 def _delta_for(p: Prepared) -> tuple[dict[str, DeltaModule], dict[str, np.ndarray], str | None]:
-    """(modules, head tensors, reason it cannot be swapped on a device or None)."""
+    """(modules, head tensors, reason it cannot be swapped on a device or None).
+
+    Embedding LoRA needs no special case: PEFT stores A (r, num), B (dim, r) and ΔW (num, dim) = (B·A)ᵀ,
+    which in the name map's (out, in) convention (out = dim) is B·A, as for a linear layer.
+    """
     modules: dict[str, DeltaModule] = {}
     reason = None
     for t in p.plan.targets:
@@ -108,10 +112,6 @@ def _delta_for(p: Prepared) -> tuple[dict[str, DeltaModule], dict[str, np.ndarra
             reason = f"{t.module} uses DoRA (not a pure W0 + s·B·A update); use the baked engine"
         if lora.bias is not None:
             reason = f"{t.module} has a LoRA bias (lora_bias); use the baked engine"
-        if lora.kind == "embedding":
-            # PEFT stores embedding LoRA as A (r, num), B (dim, r); ΔW (num, dim) = (B·A)ᵀ. In the
-            # (out, in) convention of the name map (out = dim) it is B·A, like a linear layer.
-            pass
         modules[t.module] = DeltaModule(t.module, lora.A.float().numpy(), lora.B.float().numpy(), float(lora.scale))
     head = {k: v.detach().float().numpy() for k, v in p.plan.replacements.items()}
     return modules, head, reason
@@ -244,7 +244,7 @@ def export(
             rep: dict[str, Any] = {"accuracy": None, "torch_accuracy": None, "max_abs_diff": None, "cosine": None,
                                    "agreement": None, "latency_ms": None, "engine_size_bytes": None,
                                    "delta_size_bytes": _file_size(out / delta_path(name))}
-            if lora_graph is not None:
+            if lora_graph is not None and not_swappable is None:  # DoRA / LoRA bias: baked engine only
                 report_step(f"task {name}: unmerged (LoRA branches) check")
                 merge_into_model(p.model, p.plan)
                 parity = _verify_lora_graph(out, lora_graph, modules, p.model, spec, target, headless, threads)

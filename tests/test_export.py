@@ -449,3 +449,22 @@ def test_cuda_fp16_target_on_a_gpu(family_adapters, tmp_path, cli):
               "-o", tmp_path / "o", "-q", "--json")
     assert res.code == 0, res.err
     assert json.loads(res.out)["tasks"]["a"]["cosine"] >= 0.999
+
+
+def test_dora_adapter_exports_baked_and_is_marked_not_swappable(tiny_dir, tmp_path, cli):
+    """DoRA is no W0 + s·B·A update: its baked engine equals peft's merged model, and the manifest says
+    the delta cannot be swapped on a device (the LoRA-branch check is not applied to it)."""
+    base = tiny_dir("llama")
+    adapter = make_peft_adapter(base, tmp_path / "ad", task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
+                                r=4, lora_alpha=8, use_dora=True)
+    res = cli("export", "--base", base, "--adapter", f"d={adapter}", "-o", tmp_path / "o", "-q", "--json")
+    assert res.code == 0, res.err
+    entry = read_manifest(tmp_path / "o")["tasks"]["d"]
+    assert entry["swappable"] is False and "DoRA" in entry["not_swappable_reason"]
+    assert "unmerged_max_abs_diff" not in json.loads(res.out)["tasks"]["d"]
+    _, merged = peft_reference(base, adapter, "CAUSAL_LM")
+    ids = _ids(merged.config.vocab_size)
+    with torch.no_grad():
+        ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = _engine_logits(tmp_path / "o" / entry["engine"], ids, entry["engine_io"])
+    assert np.abs(got - ref).max() <= 1e-4
