@@ -1,11 +1,12 @@
 """ONNX -> ONNX with LoRA kept as separate branches whose A and B are graph inputs.
 
 For every LoRA target ``y = x @ W0ᵀ`` (a ``MatMul`` reading the initializer the name map found) the
-graph gains ``y' = y + (x @ Aᵀ) @ (s·B)ᵀ`` with two new inputs ``lora.{module}.A`` (in, r) and
-``lora.{module}.B`` (r, out), the rank ``r`` a dynamic axis. Feeding rank 0 gives the base model;
-feeding one task's matrices gives that task, unmerged, which is how ONNX Runtime's multi-LoRA API
-runs adapters. Used as the unmerged alternative in ``edgelora bench`` and, in the runtime, for
-batches that mix tasks.
+graph gains ``y' = y + ((x @ Aᵀ) * mask) @ (s·B)ᵀ`` with inputs ``lora.{module}.A`` (in, R) and
+``lora.{module}.B`` (R, out), and one shared ``lora.mask`` (rows, 1, R); ``R`` is a dynamic axis.
+Feeding rank 0 gives the base model; feeding one task's matrices (mask of ones) gives that task,
+unmerged, which is how ONNX Runtime's multi-LoRA API runs adapters; stacking several tasks with a
+per-row mask serves a batch whose rows belong to different tasks (``edgelora.runtime.lora``).
+Used as the unmerged alternative in ``edgelora bench`` and by the runtime for mixed batches.
 
 API: ``add_lora_branches(model, locations) -> {module: (input_A, input_B)}`` (edits ``model``).
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from edgelora.runtime.lora import MASK_INPUT, lora_input_names, stacked_feeds
+
 from .onnx_names import NameMapError, WeightLocation
 
-
-def lora_input_names(module: str) -> tuple[str, str]:
-    return f"lora.{module}.A", f"lora.{module}.B"
+_ROWS, _RANK, _MINUS_ONE = "lora.const.rows_axis", "lora.const.rank_axis", "lora.const.minus_one"
 
 
 def add_lora_branches(model: Any, locations: Mapping[str, WeightLocation]) -> dict[str, tuple[str, str]]:
@@ -30,6 +31,10 @@ def add_lora_branches(model: Any, locations: Mapping[str, WeightLocation]) -> di
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    graph.input.append(helper.make_tensor_value_info(MASK_INPUT, TensorProto.FLOAT, ["mask_rows", 1, "rank"]))
+    for name, value in ((_ROWS, 0), (_RANK, 2), (_MINUS_ONE, -1)):
+        graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+
     new_nodes: dict[str, list[Any]] = {}  # output of the original MatMul -> nodes to insert after it
     inputs: dict[str, tuple[str, str]] = {}
     for module, loc in sorted(locations.items()):
@@ -41,16 +46,30 @@ def add_lora_branches(model: Any, locations: Mapping[str, WeightLocation]) -> di
         mm = users[0]
         in_dim, out_dim = in_out(loc)
         a_name, b_name = lora_input_names(module)
-        graph.input.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [in_dim, f"rank_{len(inputs)}"]))
-        graph.input.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [f"rank_{len(inputs)}", out_dim]))
+        graph.input.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [in_dim, "rank"]))
+        graph.input.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, ["rank", out_dim]))
         x, y = mm.input[0], mm.output[0]
         base_out = f"{y}/lora_base"
-        xa, xab = f"{y}/lora_xa", f"{y}/lora_xab"
+        n = f"{y}/lora"
         mm.output[0] = base_out
+        # x may be (batch, seq, in) or, under a Gemm, (batch·seq, in): view x@A as (mask rows, -1, R)
+        # so the per-row mask broadcasts, then back to its own shape.
         new_nodes[base_out] = [
-            helper.make_node("MatMul", [x, a_name], [xa], name=f"{mm.name}/lora_A"),
-            helper.make_node("MatMul", [xa, b_name], [xab], name=f"{mm.name}/lora_B"),
-            helper.make_node("Add", [base_out, xab], [y], name=f"{mm.name}/lora_add"),
+            helper.make_node("MatMul", [x, a_name], [f"{n}_xa"], name=f"{mm.name}/lora_A"),
+            helper.make_node("Shape", [f"{n}_xa"], [f"{n}_xa_shape"], name=f"{mm.name}/lora_shape"),
+            helper.make_node("Shape", [MASK_INPUT], [f"{n}_mask_shape"], name=f"{mm.name}/lora_mask_shape"),
+            helper.make_node("Gather", [f"{n}_mask_shape", _ROWS], [f"{n}_rows"], axis=0,
+                             name=f"{mm.name}/lora_rows"),
+            helper.make_node("Gather", [f"{n}_mask_shape", _RANK], [f"{n}_rank"], axis=0,
+                             name=f"{mm.name}/lora_rank"),
+            helper.make_node("Concat", [f"{n}_rows", _MINUS_ONE, f"{n}_rank"], [f"{n}_view"], axis=0,
+                             name=f"{mm.name}/lora_view_shape"),
+            helper.make_node("Reshape", [f"{n}_xa", f"{n}_view"], [f"{n}_xa3"], name=f"{mm.name}/lora_view"),
+            helper.make_node("Mul", [f"{n}_xa3", MASK_INPUT], [f"{n}_masked3"], name=f"{mm.name}/lora_mask"),
+            helper.make_node("Reshape", [f"{n}_masked3", f"{n}_xa_shape"], [f"{n}_masked"],
+                             name=f"{mm.name}/lora_unview"),
+            helper.make_node("MatMul", [f"{n}_masked", b_name], [f"{n}_xab"], name=f"{mm.name}/lora_B"),
+            helper.make_node("Add", [base_out, f"{n}_xab"], [y], name=f"{mm.name}/lora_add"),
         ]
         inputs[module] = (a_name, b_name)
     ordered = []
@@ -61,6 +80,41 @@ def add_lora_branches(model: Any, locations: Mapping[str, WeightLocation]) -> di
     del graph.node[:]
     graph.node.extend(ordered)
     return inputs
+
+
+def remove_lora_branches(model: Any) -> None:
+    """Undo :func:`add_lora_branches` on a (loaded) graph: the plain unfused base again, its weights untouched."""
+    graph = model.graph
+    keep = [n for n in graph.node if "/lora_" not in n.name]
+    rename = {o: o[: -len("/lora_base")] for n in keep for o in n.output if o.endswith("/lora_base")}
+    for node in keep:
+        for i, o in enumerate(node.output):
+            node.output[i] = rename.get(o, o)
+    del graph.node[:]
+    graph.node.extend(keep)
+    inputs = [i for i in graph.input if not i.name.startswith("lora.")]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    inits = [i for i in graph.initializer if not i.name.startswith("lora.")]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def add_lora_defaults(model: Any) -> None:
+    """Give every LoRA input a default (rank 1, zeros: the base model), making them overridable initializers,
+    which is what ONNX Runtime's multi-LoRA API expects: an adapter file or a feed replaces them. Call it
+    after quantizing: a quantizer would take the defaults for constant weights and fold them away."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    for value in graph.input:
+        name = value.name
+        if not name.startswith("lora."):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
+        fill = np.ones if name == MASK_INPUT else np.zeros
+        graph.initializer.append(numpy_helper.from_array(fill(dims, np.float32), name))
 
 
 def in_out(loc: WeightLocation) -> tuple[int, int]:
@@ -84,23 +138,11 @@ def _weight_side(node: Any, loc: WeightLocation) -> bool:
 
 def branch_feeds(module_deltas: Mapping[str, Any], inputs: Mapping[str, tuple[str, str]],
                  locations: Mapping[str, WeightLocation]) -> dict[str, Any]:
-    """Feeds for one task: Aᵀ (in, r) and (s·B)ᵀ (r, out) per module; rank 0 where the task has none."""
-    import numpy as np
-
-    feeds: dict[str, Any] = {}
-    for module, (a_name, b_name) in inputs.items():
-        d = module_deltas.get(module)
-        if d is None:
-            in_dim, out_dim = in_out(locations[module])
-            feeds[a_name] = np.zeros((in_dim, 0), np.float32)
-            feeds[b_name] = np.zeros((0, out_dim), np.float32)
-        else:
-            feeds[a_name] = np.ascontiguousarray(d.A.T, dtype=np.float32)
-            feeds[b_name] = np.ascontiguousarray((d.B * d.scale).T, dtype=np.float32)
-    return feeds
+    """Feeds for one task (rank 0 where the task has no delta for a module)."""
+    return stacked_feeds([module_deltas], {m: in_out(locations[m]) for m in inputs})
 
 
 def zero_rank_feeds(inputs: Mapping[str, tuple[str, str]], locations: Mapping[str, WeightLocation]
                     ) -> dict[str, Any]:
     """Feeds that make the branch graph compute the base model (rank 0 everywhere)."""
-    return branch_feeds({}, inputs, locations)
+    return stacked_feeds([], {m: in_out(locations[m]) for m in inputs})

@@ -22,11 +22,14 @@ from .deploy import read_manifest
 from .errors import EdgeloraError
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 8, per_round: int = 10, warmup: int = 3
-                ) -> dict[str, dict[str, float]]:
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 8, per_round: int = 10, warmup: int = 3,
+                setup: dict[str, Callable[[], Any]] | None = None) -> dict[str, dict[str, float]]:
+    """Median per function over ``rounds`` blocks; ``setup[name]`` runs untimed before each of its blocks."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if setup and name in setup:
+                setup[name]()
             for _ in range(warmup):
                 fn()
             for _ in range(per_round):
@@ -96,6 +99,17 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
             modules, _ = read_delta(folder / entry["delta"])
             feeds = {**feeds_of["base"], **branch_feeds(modules, inputs, locations)}
             fns[f"{name} (LoRA branches, ONNX)"] = (lambda s=lsess, f=feeds: s.run(None, f))
+    setup: dict[str, Callable[[], Any]] = {}
+    rt = None
+    if manifest.get("swap") or manifest.get("lora_graph"):
+        from .runtime import Runtime
+
+        rt = Runtime.open(folder, threads=threads)
+        for name, entry in manifest["tasks"].items():
+            if entry.get("swappable", True):
+                key = f"{name} (runtime, {rt.mode})"
+                fns[key] = (lambda r=rt, f=feeds_of["base"]: r.run(**f))
+                setup[key] = (lambda r=rt, n=name: r.activate(n))
     if peft:
         for name in manifest["tasks"]:
             model = _peft_unmerged(manifest, name, threads)
@@ -126,7 +140,7 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
                         return m(input_ids=i, attention_mask=k)
 
                 fns[f"{name} (PEFT unmerged, PyTorch)"] = fwd
-    times = interleaved(fns, rounds, per_round)
+    times = interleaved(fns, rounds, per_round, setup=setup)
     base_ms = times["base"]["median_ms"]
     rows = {}
     for name, t in times.items():
@@ -136,7 +150,64 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
             row["vs_baked"] = t["median_ms"] / times[task]["median_ms"]
         rows[name] = row
     shape = f"decode step at context {seq}" if manifest["task"] == "causal-lm" else f"batch {batch} × {seq} tokens"
-    return {"folder": str(folder), "target": target["name"], "threads": threads, "shape": shape, "engines": rows}
+    swaps = swap_times(folder, manifest, rt, threads, peft=peft, rounds=max(rounds, 3)) if rt is not None else None
+    return {"folder": str(folder), "target": target["name"], "threads": threads, "shape": shape, "engines": rows,
+            "swap": swaps}
+
+
+def swap_times(folder: Path, manifest: dict[str, Any], rt: Any, threads: int, peft: bool = True,
+               rounds: int = 8) -> dict[str, Any]:
+    """Switching tasks three ways, medians: the runtime's ``activate``; opening a fresh ONNX Runtime session
+    on the task's baked engine (a reload); PEFT in PyTorch (unmerge the old adapter, merge the new one)."""
+    from .verify import session
+
+    names = [n for n, e in manifest["tasks"].items() if e.get("swappable", True)]
+    if not names:
+        return {}
+    order = names if len(names) > 1 else [names[0], None]
+    for name in order:  # first reads of the delta files are not what a swap costs
+        rt.activate(name)
+    act = []
+    for i in range(max(20, 10 * rounds)):
+        t0 = time.perf_counter()
+        rt.activate(order[i % len(order)])
+        act.append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"mode": rt.mode, "activate_median_ms": statistics.median(act) * 1e3,
+                           "activate_p90_ms": sorted(act)[int(0.9 * len(act))] * 1e3, "swaps": len(act)}
+    engine = manifest["tasks"][names[0]].get("engine")
+    if engine:
+        opens = []
+        for _ in range(max(3, rounds // 2)):
+            t0 = time.perf_counter()
+            session(folder / engine, manifest["target"]["provider"], threads)
+            opens.append(time.perf_counter() - t0)
+        out["open_session_median_ms"] = statistics.median(opens) * 1e3
+        out["open_vs_activate"] = out["open_session_median_ms"] / out["activate_median_ms"]
+    if peft:
+        switch = _peft_switch(manifest, names, threads, max(10, 3 * rounds))
+        if switch is not None:
+            out["peft_switch_median_ms"] = switch
+            out["peft_vs_activate"] = switch / out["activate_median_ms"]
+    return out
+
+
+def _peft_switch(manifest: dict[str, Any], names: list[str], threads: int, runs: int) -> float | None:
+    """Median ms of a task switch in PEFT/PyTorch: ``unmerge_adapter`` then ``merge_adapter`` (the weight
+    work of leaving one merged task for another; tasks with different heads cannot share one PeftModel)."""
+    path = manifest["tasks"][names[0]].get("adapter_path")
+    if not path or not Path(path).is_dir():
+        return None
+    model = _peft_unmerged(manifest, names[0], threads)
+    if model is None:
+        return None
+    model.merge_adapter()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model.unmerge_adapter()
+        model.merge_adapter()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def bench_table(result: dict[str, Any]) -> str:
@@ -147,4 +218,14 @@ def bench_table(result: dict[str, Any]) -> str:
     for name, r in result["engines"].items():
         baked = f"{r['vs_baked']:.2f}x" if "vs_baked" in r else "-"
         lines.append(f"{name.ljust(width)}  {r['median_ms']:8.2f}ms  {r['vs_base']:7.3f}x  {baked:>8}")
+    sw = result.get("swap")
+    if sw:
+        lines.append(f"task switch ({sw['mode']}): activate {sw['activate_median_ms']:.2f} ms median "
+                     f"(p90 {sw['activate_p90_ms']:.2f} ms, {sw['swaps']} swaps)")
+        if "open_session_median_ms" in sw:
+            lines.append(f"  fresh ONNX Runtime session for a task engine: {sw['open_session_median_ms']:.1f} ms "
+                         f"({sw['open_vs_activate']:.0f}x activate)")
+        if "peft_switch_median_ms" in sw:
+            lines.append(f"  PEFT unmerge + merge in PyTorch: {sw['peft_switch_median_ms']:.1f} ms "
+                         f"({sw['peft_vs_activate']:.1f}x activate)")
     return "\n".join(lines)

@@ -304,6 +304,53 @@ def bench(folder: Path, threads: int, rounds: int, no_peft: bool, as_json: bool)
         click.echo(bench_table(result))
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--task", default=None, help="Task to activate (default: the first in the manifest).")
+@click.option("--text", "texts", multiple=True, required=True, help="Input text (repeat for a batch).")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Decoders: tokens to generate.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="Decoders: 0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Decoders: nucleus sampling mass.")
+@click.option("--threads", type=int, default=None, help="Engine threads (default: ONNX Runtime's).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def run(folder: Path, task: str | None, texts: tuple[str, ...], max_new_tokens: int, temperature: float,
+        top_p: float, threads: int | None, as_json: bool) -> None:
+    """Run a deployment folder on text with the on-device runtime: the class, or the generated text."""
+    import numpy as np
+
+    from .runtime import Runtime
+
+    rt = Runtime.open(folder, threads=threads)
+    if task is None and rt.tasks:
+        task = rt.tasks[0]
+    rt.activate(task)
+    results: list[dict[str, Any]] = []
+    if rt.kind == "causal-lm":
+        for text in texts:
+            prompt = rt.tokenizer.encode(text)["input_ids"][0]
+            new = rt.generate(prompt, max_new_tokens, temperature=temperature, top_p=top_p,
+                              eos_token_id=rt.tokenizer.eos_id)
+            results.append({"text": text, "generated": rt.tokenizer.decode(new), "tokens": len(new)})
+    elif rt.kind == "encoder" and not (task and rt.manifest["tasks"][task].get("num_labels")):
+        out = rt.run(text=list(texts))
+        key = "pooler_output" if "pooler_output" in out else "last_hidden_state"
+        for text, vec in zip(texts, out[key], strict=True):
+            results.append({"text": text, "embedding_dims": list(vec.shape), "norm": float(np.linalg.norm(vec))})
+    else:
+        for text, (label, prob) in zip(texts, rt.classify(list(texts)), strict=True):
+            results.append({"text": text, "label": label, "probability": prob})
+    if as_json:
+        _print_json({"task": task, "mode": rt.mode, "results": results})
+        return
+    for r in results:
+        if "generated" in r:
+            click.echo(f"{r['text']}{r['generated']}")
+        elif "label" in r:
+            click.echo(f"{r['label']:>10}  {r['probability']:.3f}  {r['text']}")
+        else:
+            click.echo(f"{r['text']}: embedding {r['embedding_dims']}, norm {r['norm']:.3f}")
+
+
 # ---------------------------------------------------------------------------------------------
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     click.echo(f"warning: {message}", err=True)

@@ -4,10 +4,15 @@
 
     OUT/
       manifest.json            format, base fingerprint, target, io spec, tasks, name map
-      base/model.onnx          the base engine (target precision)
+      base/model.onnx          the base engine (target precision); weights in base/model.onnx.data
+      base/swap.onnx           a base graph with the LoRA-target weights as inputs (the runtime's engine;
+                               fp32: the unfused graph, sharing base/lora.onnx.data; else the base engine,
+                               sharing base/model.onnx.data)
+      base/swap_w0.safetensors the pristine fp32 W0 of those weights (the runtime rebuilds W0 + s·B·A from it)
       base/lora.onnx           the same, unfused, with LoRA branches whose A, B are graph inputs
       tasks/NAME/delta.safetensors   A, B per module (fp32) + head tensors; scales in the manifest
       tasks/NAME/model.onnx    the baked (merged) engine, when the target bakes them
+      tasks/NAME/adapter.onnx_adapter  the delta as ONNX Runtime adapter parameters for base/lora.onnx
       tokenizer/               the base's tokenizer files
       report.json, report.md   parity, sizes, latency
 
@@ -28,7 +33,11 @@ import numpy as np
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BASE_ENGINE = "base/model.onnx"
+BASE_DATA = "model.onnx.data"  # external data of the base engine, shared by the swap graph
+SWAP_ENGINE = "base/swap.onnx"
+SWAP_W0 = "base/swap_w0.safetensors"
 LORA_ENGINE = "base/lora.onnx"  # the base with LoRA branches whose A, B are inputs
+LORA_DATA = "lora.onnx.data"  # its external data, shared by the fp32 swap graph
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 TOKENIZER_DIR = "tokenizer"
@@ -46,6 +55,10 @@ def task_engine_path(name: str) -> str:
     return f"tasks/{name}/model.onnx"
 
 
+def ort_adapter_path(name: str) -> str:
+    return f"tasks/{name}/adapter.onnx_adapter"
+
+
 @dataclass(frozen=True)
 class DeltaModule:
     """One module of a task delta: ``W = W0 + scale · B @ A`` with A (r, in), B (out, r)."""
@@ -56,15 +69,17 @@ class DeltaModule:
     scale: float
 
 
-def write_delta(path: Path, modules: Mapping[str, DeltaModule], head: Mapping[str, np.ndarray]) -> None:
-    """A, B in fp32 under ``{module}.lora_A`` / ``.lora_B``; head tensors under ``head.{name}``."""
+def write_delta(path: Path, modules: Mapping[str, DeltaModule], head: Mapping[str, np.ndarray],
+                base_fingerprint: str) -> None:
+    """A, B in fp32 under ``{module}.lora_A`` / ``.lora_B``; head tensors under ``head.{name}``;
+    the scales and the fingerprint of the base it was trained on in the metadata."""
     tensors: dict[str, np.ndarray] = {}
     for name, m in modules.items():
         tensors[f"{name}.lora_A"] = np.ascontiguousarray(m.A, dtype=np.float32)
         tensors[f"{name}.lora_B"] = np.ascontiguousarray(m.B, dtype=np.float32)
     for name, t in head.items():
         tensors[f"head.{name}"] = np.ascontiguousarray(t, dtype=np.float32)
-    meta = {"format": str(FORMAT_VERSION),
+    meta = {"format": str(FORMAT_VERSION), "base_fingerprint": base_fingerprint,
             "scales": json.dumps({n: m.scale for n, m in sorted(modules.items())}, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_float32_safetensors(tensors, path, meta)

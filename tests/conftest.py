@@ -120,3 +120,46 @@ def cli() -> Callable[..., CliResult]:
 def tree(path: Path) -> list[str]:
     """Every entry under ``path`` (to prove nothing partial was left behind)."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+# Tiny deployments shared by test_export and test_runtime: two peft adapters per family, exported to cpu-fp32.
+FAMILIES = {
+    "bert": ("SEQ_CLS", {"target_modules": ["query", "value"], "r": 4, "lora_alpha": 8}, 3),
+    "gpt2": ("CAUSAL_LM", {"target_modules": ["c_attn", "c_proj"], "r": 4, "lora_alpha": 16, "fan_in_fan_out": True},
+             None),
+    "llama": ("CAUSAL_LM", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 4, "lora_alpha": 8,
+                            "use_rslora": True}, None),
+    "qwen2": ("CAUSAL_LM", {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4, "lora_alpha": 8,
+                            "rank_pattern": {"down_proj": 2}}, None),
+}
+
+
+@pytest.fixture(scope="session")
+def family_adapters(tiny_dir, tmp_path_factory):
+    """family -> (base, {task: adapter folder}) made by the real peft library."""
+    out = {}
+    for family, (task_type, kw, labels) in FAMILIES.items():
+        root = tmp_path_factory.mktemp(f"ad_{family}")
+        out[family] = (tiny_dir(family), {
+            f"t{s}": make_peft_adapter(tiny_dir(family), root / f"t{s}", seed=s, num_labels=labels,
+                                       task_type=task_type, **kw) for s in (1, 2)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(family_adapters, tmp_path_factory):
+    """family -> fp32 deployment folder (both tasks), written through the CLI entry point."""
+    from edgelora.cli import main
+
+    out = {}
+    for family, (base, adapters) in family_adapters.items():
+        dst = tmp_path_factory.mktemp(f"dep_{family}") / "out"
+        args = ["export", "--base", str(base), "--target", "cpu-fp32", "-o", str(dst), "-q"]
+        for name, path in adapters.items():
+            args += ["--adapter", f"{name}={path}"]
+        try:
+            main(args)
+        except SystemExit as exc:
+            assert exc.code in (0, None), f"export {family} failed"
+        out[family] = dst
+    return out

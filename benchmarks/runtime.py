@@ -1,0 +1,216 @@
+"""Runtime acceptance, side by side in one run: swap time, no latency tax, memory, mixed batches.
+
+    python benchmarks/runtime.py [--json out.json] [--work /tmp/edgelora-runtime] [--skip-w2]
+
+W1 (bundled all-MiniLM-L6-v2 + the example adapters, batch 1 × 128 tokens, 2 threads), cpu-fp32 and cpu-int8:
+  - ``edgelora bench`` on each folder: the baked engines, the base, LoRA branches, PEFT unmerged and the
+    runtime after a swap, interleaved; ``activate`` vs a fresh ONNX Runtime session vs PEFT unmerge+merge;
+  - outputs of the runtime vs each baked engine on examples/data/sst2-dev-500.tsv (max |Δ|, argmax);
+  - memory: RSS of a fresh process with the base only vs with 8 resident, activated tasks;
+  - mixed batch: 8 rows over 4 tasks in one run vs 4 × (activate + run of that task's 2 rows).
+W2 (SmolLM2-135M architecture, seeded, LoRA r=16 on q,k,v,o of 30 layers), cpu-fp32: activate time,
+  a decode step after a swap vs the baked engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from workloads import make_w2_adapter, make_w2_base  # noqa: E402
+
+SST2_SAMPLE = REPO / "examples" / "data" / "sst2-dev-500.tsv"
+
+
+def _export(base, adapters, target, out):
+    from edgelora.export import export
+    from edgelora.target import load_target
+
+    if (out / "manifest.json").is_file():
+        return out
+    print(f"[{time.strftime('%H:%M:%S')}] export {out.name} ...", file=sys.stderr, flush=True)
+    export(base, adapters, load_target(target), out, force=True, latency_runs=5)
+    return out
+
+
+def parity(folder: Path) -> dict:
+    """Runtime (after swaps) vs each baked engine on the SST-2 sample, batches of 50."""
+    import numpy as np
+
+    from edgelora.data import read_classification
+    from edgelora.runtime import Runtime
+    from edgelora.verify import session
+
+    rt = Runtime.open(folder, threads=2)
+    texts = [e.text for e in read_classification(SST2_SAMPLE)]
+    out = {}
+    for task in rt.tasks:
+        rt.activate(None)
+        rt.activate(task)
+        engine = session(folder / rt.manifest["tasks"][task]["engine"], threads=2)
+        diff, same = 0.0, 0
+        for i in range(0, len(texts), 50):
+            enc = rt.tokenizer.encode(texts[i:i + 50])
+            a = rt.run(**enc)["logits"]
+            b = engine.run(None, enc)[0]
+            diff = max(diff, float(np.abs(a - b).max()))
+            same += int((a.argmax(1) == b.argmax(1)).sum())
+        out[task] = {"max_abs_diff": diff, "same_argmax": same, "rows": len(texts)}
+    return out
+
+
+_MEMORY_CHILD = """
+import json, shutil, sys, numpy as np, psutil
+from pathlib import Path
+from edgelora.runtime import Runtime
+folder, n = Path(sys.argv[1]), int(sys.argv[2])
+rt = Runtime.open(folder, threads=2)
+ids = np.random.default_rng(0).integers(5, 30000, (1, 128))
+rt.run(input_ids=ids)
+rt.activate(rt.tasks[0]); rt.activate(None); rt.run(input_ids=ids)  # both slots written once
+base = psutil.Process().memory_info().rss
+src = [folder / rt.manifest["tasks"][t]["delta"] for t in rt.tasks]
+size = 0
+for i in range(n):
+    rt.load(f"task{i}", src[i % len(src)])
+    rt.activate(f"task{i}")
+    rt.run(input_ids=ids)
+    size += src[i % len(src)].stat().st_size
+after = psutil.Process().memory_info().rss
+print(json.dumps({"base_rss": base, "rss_with_tasks": after, "tasks": n, "delta_bytes": size}))
+"""
+
+
+def memory(folder: Path, n: int = 8) -> dict:
+    """A fresh process: RSS with the base only, then with ``n`` tasks loaded and activated."""
+    res = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(folder), str(n)], capture_output=True, text=True,
+                         check=True)
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    m["growth_bytes"] = m["rss_with_tasks"] - m["base_rss"]
+    m["allowed_bytes"] = int(0.10 * m["base_rss"] + m["delta_bytes"])  # base + 8 × delta + 10% (of base)
+    m["met"] = m["rss_with_tasks"] <= m["base_rss"] + m["allowed_bytes"]
+    return m
+
+
+def mixed(folder: Path, rounds: int = 8) -> dict:
+    """8 rows (2 per task, 4 tasks) in one run on base/lora.onnx vs 4 × (activate + run of 2 rows)."""
+    import numpy as np
+
+    from edgelora.bench import interleaved
+    from edgelora.deploy import read_delta, save_float32_safetensors
+    from edgelora.runtime import Runtime
+
+    rt = Runtime.open(folder, threads=2)
+    # two more tasks, distinct from the examples: the sst2/agnews deltas at half scale
+    meta_fp = rt.manifest["base"]["fingerprint"]
+    for src in ("sst2", "agnews"):
+        modules, head = read_delta(folder / rt.manifest["tasks"][src]["delta"])
+        path = folder.parent / f"{folder.name}-{src}-half.safetensors"
+        tensors = {f"{m}.lora_{k}": getattr(d, k) for m, d in modules.items() for k in ("A", "B")}
+        tensors |= {f"head.{k}": v for k, v in head.items()}
+        scales = {m: d.scale / 2 for m, d in modules.items()}
+        save_float32_safetensors(tensors, path, {"format": "1", "base_fingerprint": meta_fp,
+                                                 "scales": json.dumps(scales, sort_keys=True)})
+        rt.load(f"{src}-half", path)
+    tasks = ["sst2", "agnews", "sst2-half", "agnews-half"]
+    rows = [t for t in tasks for _ in range(2)]
+    ids = np.random.default_rng(1).integers(1000, 29000, (8, 128))
+    mask = np.ones_like(ids)
+    got = rt.run(input_ids=ids, attention_mask=mask, tasks=rows)["logits"]
+    worst = 0.0
+    for i, t in enumerate(rows):
+        rt.activate(t)
+        ref = rt.run(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])["logits"][0]
+        worst = max(worst, float(np.abs(got[i, : ref.shape[0]] - ref).max()))
+
+    def one_batch():
+        rt.run(input_ids=ids, attention_mask=mask, tasks=rows)
+
+    def four_swaps():
+        for k, t in enumerate(tasks):
+            rt.activate(t)
+            rt.run(input_ids=ids[2 * k:2 * k + 2], attention_mask=mask[2 * k:2 * k + 2])
+
+    t = interleaved({"mixed batch (1 run, base/lora.onnx)": one_batch, "4 x (activate + run 2 rows)": four_swaps},
+                    rounds=rounds, per_round=3, warmup=1)
+    a, b = t["mixed batch (1 run, base/lora.onnx)"], t["4 x (activate + run 2 rows)"]
+    return {"rows": 8, "tasks": 4, "mixed_ms": a["median_ms"], "swaps_ms": b["median_ms"],
+            "throughput_ratio": b["median_ms"] / a["median_ms"], "max_abs_diff_vs_single_task": worst}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgelora-runtime"))
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--skip-w2", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from edgelora.bench import bench, bench_table
+    from edgelora.export import default_adapters
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    w1 = default_adapters()
+    for target in ("cpu-fp32", "cpu-int8"):
+        folder = _export(None, w1, target, args.work / f"w1-{target}")
+        b = bench(folder, threads=2, rounds=args.rounds)
+        print(bench_table(b), flush=True)
+        result[f"w1 {target}"] = {"bench": b, "parity": parity(folder), "memory": memory(folder)}
+        print(json.dumps({k: v for k, v in result[f"w1 {target}"].items() if k != "bench"}, indent=1), flush=True)
+    result["w1 mixed batch"] = mixed(args.work / "w1-cpu-fp32", args.rounds)
+    print(json.dumps(result["w1 mixed batch"], indent=1), flush=True)
+    if not args.skip_w2:
+        base = make_w2_base(args.work / "w2-base")
+        adapters = {f"t{s}": make_w2_adapter(base, args.work / f"w2-t{s}", seed=s) for s in (1, 2)}
+        folder = _export(base, adapters, "cpu-fp32", args.work / "w2-cpu-fp32")
+        b = bench(folder, threads=2, rounds=max(3, args.rounds // 2), peft=True)
+        print(bench_table(b), flush=True)
+        result["w2 cpu-fp32"] = {"bench": b}
+    print(summary(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+def summary(result: dict) -> str:
+    lines = ["", "| measure | value | goal |", "|---|---|---|"]
+    for key in ("w1 cpu-fp32", "w1 cpu-int8", "w2 cpu-fp32"):
+        if key not in result:
+            continue
+        b = result[key]["bench"]
+        sw = b["swap"]
+        lines.append(f"| {key}: activate median | {sw['activate_median_ms']:.2f} ms | "
+                     f"{'≤ 20 ms' if key.startswith('w2') else '≤ 2 ms'} |")
+        if "open_vs_activate" in sw:
+            lines.append(f"| {key}: fresh session / activate | {sw['open_vs_activate']:.0f}x | ≥ 100x |")
+        if "peft_vs_activate" in sw:
+            lines.append(f"| {key}: PEFT unmerge+merge / activate | {sw['peft_vs_activate']:.1f}x "
+                         f"({sw['peft_switch_median_ms']:.1f} ms) | ≥ 5x |")
+        for name, row in b["engines"].items():
+            if "(runtime" in name:
+                lines.append(f"| {key}: {name} / baked | {row['vs_baked']:.3f}x | ≤ 1.03 |")
+        for task, p in result[key].get("parity", {}).items():
+            lines.append(f"| {key}: {task} vs baked, SST-2 sample | max abs diff {p['max_abs_diff']:.2e}, "
+                         f"same argmax {p['same_argmax']}/{p['rows']} | fp32 ≤ 1e-5; int8 identical argmax |")
+        m = result[key].get("memory")
+        if m:
+            lines.append(f"| {key}: RSS growth with 8 tasks | {m['growth_bytes'] / 1e6:.1f} MB (allowed "
+                         f"{m['allowed_bytes'] / 1e6:.1f} MB) | base + 8 × delta + 10% |")
+    if "w1 mixed batch" in result:
+        mx = result["w1 mixed batch"]
+        lines.append(f"| mixed batch, 8 rows / 4 tasks: throughput vs 4 swaps | {mx['throughput_ratio']:.2f}x "
+                     f"(max abs diff {mx['max_abs_diff_vs_single_task']:.1e}) | ≥ 2x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Task heads on top of a headless base engine, in numpy (they travel in each task's delta file).
+
+- BERT-style classifier: ``logits = pooler_output @ Wᵀ + b`` (``classifier.weight``/``.bias``);
+- decoder classifier (``score.weight``): the hidden state of each row's last real token;
+- no head tensors (feature extraction): the base outputs as they are.
+Any other head tensor would change the inside of the base, which a swap cannot do: such a task
+runs on its baked engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+KNOWN = {"classifier.weight", "classifier.bias", "score.weight", "score.bias"}
+
+
+def unsupported(head: Mapping[str, np.ndarray]) -> list[str]:
+    return sorted(set(head) - KNOWN)
+
+
+def apply_head(head: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+               attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    if "classifier.weight" in head:
+        pooled = outputs["pooler_output"] if "pooler_output" in outputs else outputs["last_hidden_state"][:, 0]
+        logits = pooled @ np.asarray(head["classifier.weight"]).T
+        if "classifier.bias" in head:
+            logits = logits + head["classifier.bias"]
+        return {"logits": logits.astype(np.float32)}
+    if "score.weight" in head:
+        hidden = outputs["last_hidden_state"]
+        last = np.maximum(attention_mask.sum(axis=1) - 1, 0).astype(np.int64)
+        logits = hidden[np.arange(hidden.shape[0]), last] @ np.asarray(head["score.weight"]).T
+        if "score.bias" in head:
+            logits = logits + head["score.bias"]
+        return {"logits": logits.astype(np.float32)}
+    return dict(outputs)

@@ -1,0 +1,265 @@
+"""Rebuilding LoRA-target weights in place: ``W = W0 + s·B·A`` from the pristine ``W0``, per recipe.
+
+The swap graph (``base/swap.onnx``) takes every LoRA-target weight as an input. The runtime owns two
+sets of those inputs ("slots"): runs read the active slot while ``activate`` rewrites the other one,
+then flips. A slot remembers which weights differ from ``W0``, so a rebuild touches only those and
+the new task's: never by subtracting the old task, always ``W0`` + the new delta. The delta of a whole
+weight (every LoRA slice of a packed q/k/v weight at once, zeros elsewhere) is one GEMM into a scratch
+buffer, then one contiguous ``np.add(W0, ΔW, out=buffer)``: contiguous passes run at memory speed,
+where numpy over strided slices measured 2-3x slower.
+
+Recipes (per weight, from the manifest): ``float32``; ``float16`` (cast); ``int8`` (ONNX Runtime's
+per-column symmetric dynamic-quantization recipe, re-applied to the touched columns only — per-column
+scales make that identical to quantizing the whole merged weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from threading import Lock
+from typing import Any
+
+import numpy as np
+
+from ..deploy import DeltaModule
+from .files import EdgeloraError
+
+
+def int8_per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX Runtime's symmetric per-channel int8 for a (in, out) MatMul weight: (q int8, scale (out,))."""
+    amax = np.abs(w).max(axis=0).astype(np.float32)
+    scale = (amax * np.float32(2.0) / np.float32(254.0)).astype(np.float32)
+    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)  # as the quantizer does
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def single_threaded_blas() -> bool:
+    """Make numpy's OpenBLAS single-threaded *for the calling thread only* (``openblas_set_num_threads_local``).
+
+    A swap runs small GEMMs (rank r) on pool threads; OpenBLAS would fan each out to its own threads,
+    which on a 2-core device oversubscribes the cores and measured 2x slower swaps. The setting is
+    thread-local, so the application's own numpy is untouched. Returns False where there is no such
+    OpenBLAS (other BLAS, other OS): then nothing changes."""
+    import ctypes
+    import re
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            libs = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))
+    except OSError:
+        return False
+    for path in libs:
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes = [ctypes.c_int]
+        fn(1)
+        return True
+    return False
+
+
+def int8_per_column_into(w: np.ndarray, q_out: np.ndarray) -> np.ndarray:
+    """:func:`int8_per_column` with ``w`` as scratch (overwritten) and the int8 values written to ``q_out``;
+    returns the scales. Same arithmetic, fewer passes and no temporaries of ``w``'s size."""
+    amax = np.maximum(w.max(axis=0), -w.min(axis=0)).astype(np.float32)
+    scale = (amax * np.float32(2.0) / np.float32(254.0)).astype(np.float32)
+    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)
+    np.divide(w, scale, out=w)
+    np.rint(w, out=w)
+    np.clip(w, -127, 127, out=w)
+    np.copyto(q_out, w, casting="unsafe")
+    return scale
+
+
+@dataclass(frozen=True)
+class Location:
+    """A module's W0 inside a fed weight: whole or a slice of the output axis, stored (in, out) when transposed."""
+
+    weight: str
+    transposed: bool
+    slice: tuple[int, int] | None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Location:
+        return cls(str(d["initializer"]), bool(d["transposed"]), tuple(d["slice"]) if d.get("slice") else None)
+
+    def view(self, a: np.ndarray) -> np.ndarray:
+        if self.slice is None:
+            return a
+        lo, hi = self.slice
+        return a[:, lo:hi] if self.transposed else a[lo:hi, :]
+
+    def dims(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(in, out) of the layer."""
+        rows, cols = shape
+        if self.slice is not None:
+            width = self.slice[1] - self.slice[0]
+            return (rows, width) if self.transposed else (cols, width)
+        return (rows, cols) if self.transposed else (cols, rows)
+
+    def delta(self, d: DeltaModule) -> np.ndarray:
+        """``s·B·A`` in this location's layout, fp32, contiguous."""
+        A = np.asarray(d.A, np.float32)
+        B = np.asarray(d.B, np.float32)
+        if self.transposed:
+            return (A.T @ B.T) * np.float32(d.scale)
+        return (B @ A) * np.float32(d.scale)
+
+
+@dataclass
+class Slot:
+    """One set of fed weights: ``arrays`` (input name -> buffer) and the weights that differ from W0."""
+
+    arrays: dict[str, np.ndarray]
+    dirty: set[str] = field(default_factory=set)
+
+
+class SwapWeights:
+    """The fed weights, their pristine W0 and the two slots. ``threads``: workers for a rebuild (numpy
+    releases the GIL in its loops, so weights are rebuilt in parallel)."""
+
+    def __init__(self, spec: Mapping[str, Any], w0: Mapping[str, np.ndarray], locations: Mapping[str, Location],
+                 threads: int = 1) -> None:
+        self.spec = {name: dict(entry) for name, entry in spec["weights"].items()}
+        self.w0 = dict(w0)
+        self.locations = {m: loc for m, loc in locations.items() if loc.weight in self.spec}
+        for name, entry in self.spec.items():
+            if name not in self.w0 or list(self.w0[name].shape) != list(entry["shape"]):
+                raise EdgeloraError(f"swap weights file lacks {name} {entry['shape']}; re-run edgelora export")
+            if entry["recipe"] not in ("float32", "float16", "int8"):
+                raise EdgeloraError(f"swap weight {name}: recipe {entry['recipe']!r} is unknown to this runtime; "
+                                    "update edgelora")
+        self.modules_of: dict[str, list[str]] = {}
+        for module, loc in sorted(self.locations.items()):
+            self.modules_of.setdefault(loc.weight, []).append(module)
+        self._base = self._encode_all()  # W0 in each recipe's encoding, to reset untouched weights
+        self.slots = [Slot({k: v.copy() for k, v in self._base.items()}),
+                      Slot({k: v.copy() for k, v in self._base.items()})]
+        self._scratch: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+        self._index: dict[int, int] = {}
+        self._index_lock = Lock()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="edgelora-swap",
+                                        initializer=single_threaded_blas) if threads > 1 else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for s in self.slots for a in s.arrays.values())
+
+    def dims(self) -> dict[str, tuple[int, int]]:
+        return {m: loc.dims(tuple(self.w0[loc.weight].shape)) for m, loc in self.locations.items()}
+
+    def _encode_all(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {}
+        for name, entry in self.spec.items():
+            w0 = np.asarray(self.w0[name], np.float32)
+            inputs = entry["inputs"]
+            if entry["recipe"] == "float32":
+                arrays[inputs["weight"]] = np.array(w0, np.float32, copy=True)
+            elif entry["recipe"] == "float16":
+                arrays[inputs["weight"]] = w0.astype(np.float16)
+            else:
+                arrays[inputs["weight"]], arrays[inputs["scale"]] = int8_per_column(w0)
+        return arrays
+
+    def build(self, slot: Slot, modules: Mapping[str, DeltaModule]) -> None:
+        """Make ``slot`` hold W0 + the deltas in ``modules`` (and W0 wherever it held another task).
+        One job per weight on the pool (each worker has single-threaded BLAS and its own scratch)."""
+        todo = [n for n in self.spec if n in slot.dirty or any(m in modules for m in self.modules_of.get(n, ()))]
+        slot.dirty.update(todo)  # a failure half-way leaves these marked for the next rebuild
+        jobs = [(name, [m for m in self.modules_of.get(name, ()) if m in modules]) for name in todo]
+        if self._pool is not None and len(jobs) > 1:
+            list(self._pool.map(lambda job: self._build_one(slot, *job, modules), jobs))
+        else:
+            for job in jobs:
+                self._build_one(slot, *job, modules)
+
+    def _build_one(self, slot: Slot, name: str, mods: list[str], modules: Mapping[str, DeltaModule]) -> None:
+        index = self._worker_index()
+        delta = self._packed_delta(name, mods, modules, self._scratch_for(index, name)) if mods else None
+        self._apply(slot, name, mods, delta)
+
+    def _worker_index(self) -> int:
+        import threading
+
+        with self._index_lock:
+            return self._index.setdefault(threading.get_ident(), len(self._index))
+
+    def _scratch_for(self, index: int, name: str) -> np.ndarray:
+        shape = tuple(self.w0[name].shape)
+        buf = self._scratch.get((index, shape))
+        if buf is None:
+            buf = self._scratch[(index, shape)] = np.empty(shape, np.float32)
+        return buf
+
+    def _apply(self, slot: Slot, name: str, mods: list[str], delta: np.ndarray | None) -> None:
+        entry = self.spec[name]
+        inputs = entry["inputs"]
+        if delta is None:  # back to W0
+            for key in inputs.values():
+                np.copyto(slot.arrays[key], self._base[key])
+            slot.dirty.discard(name)
+            return
+        w0 = self.w0[name]
+        if entry["recipe"] == "float32":
+            np.add(w0, delta, out=slot.arrays[inputs["weight"]])  # one contiguous pass: W0 + ΔW
+            return
+        if entry["recipe"] == "float16":
+            np.add(w0, delta, out=delta)
+            np.copyto(slot.arrays[inputs["weight"]], delta, casting="same_kind")
+            return
+        # int8: per-column scales, so only the columns this task touches are re-quantized; the others
+        # get W0's encoding back (they may hold the previous task's).
+        if any(not self.locations[m].transposed for m in mods):
+            raise EdgeloraError(f"{name}: int8 swaps need a (in, out) weight; re-run edgelora export")
+        q_buf, s_buf = slot.arrays[inputs["weight"]], slot.arrays[inputs["scale"]]
+        q_base, s_base = self._base[inputs["weight"]], self._base[inputs["scale"]]
+        touched = np.zeros(w0.shape[1], bool)
+        for m in mods:
+            lo, hi = self.locations[m].slice or (0, w0.shape[1])
+            touched[lo:hi] = True
+        for lo, hi in _runs(np.flatnonzero(touched)):
+            block = delta[:, lo:hi]
+            np.add(w0[:, lo:hi], block, out=block)
+            s_buf[lo:hi] = int8_per_column_into(block, q_buf[:, lo:hi])
+        if not touched.all():
+            for lo, hi in _runs(np.flatnonzero(~touched)):
+                np.copyto(q_buf[:, lo:hi], q_base[:, lo:hi])
+                s_buf[lo:hi] = s_base[lo:hi]
+
+    def _packed_delta(self, name: str, mods: list[str], modules: Mapping[str, DeltaModule], out: np.ndarray
+                      ) -> np.ndarray:
+        """ΔW for the whole weight in a scratch buffer: each module's ``s·B·A`` (one small GEMM written straight
+        into its slice), zeros in the slices no module of this task touches."""
+        shape = out.shape
+        axis_len = shape[1] if self.locations[mods[0]].transposed else shape[0]
+        covered = np.zeros(axis_len, bool)
+        for m in mods:
+            d, loc = modules[m], self.locations[m]
+            A = np.asarray(d.A, np.float32)
+            sB = np.asarray(d.B, np.float32) * np.float32(d.scale)
+            lo, hi = loc.slice or (0, axis_len)
+            if loc.transposed:  # W (in, out): ΔW[:, lo:hi] = Aᵀ (in, r) @ (s·B)ᵀ (r, out)
+                np.matmul(A.T, sB.T, out=out[:, lo:hi])
+            else:  # W (out, in): ΔW[lo:hi, :] = (s·B) (out, r) @ A (r, in)
+                np.matmul(sB, A, out=out[lo:hi, :])
+            covered[lo:hi] = True
+        if not covered.all():
+            gaps = np.flatnonzero(~covered)
+            for lo, hi in _runs(gaps):
+                if self.locations[mods[0]].transposed:
+                    out[:, lo:hi] = 0.0
+                else:
+                    out[lo:hi, :] = 0.0
+        return out
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive indices."""
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate([[0], breaks + 1])
+    stops = np.concatenate([breaks, [len(idx) - 1]])
+    return [(int(idx[a]), int(idx[b]) + 1) for a, b in zip(starts, stops, strict=True)]

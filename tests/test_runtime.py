@@ -1,0 +1,315 @@
+"""edgelora.runtime against the baked engines, the real peft library and ONNX Runtime's own LoRA API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import FAMILIES, REPO, peft_reference
+
+from edgelora.deploy import read_manifest
+from edgelora.runtime import DeltaError, Runtime
+
+CPU = ["CPUExecutionProvider"]
+
+
+def _ids(vocab: int, batch: int = 2, seq: int = 10, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(batch, seq), dtype=np.int64)
+
+
+def _engine(dep: Path, rel: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(dep / rel), providers=CPU)
+
+
+def _engine_run(sess: ort.InferenceSession, feeds: dict, io: dict) -> dict:
+    """One call of a baked engine (decoders: an empty KV cache)."""
+    feeds = dict(feeds)
+    if io["kind"] == "causal-lm":
+        for n in io["inputs"]:
+            if n.startswith("past_key_values."):
+                feeds[n] = np.zeros((feeds["input_ids"].shape[0], io["num_kv_heads"], 0, io["head_dim"]), np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds), strict=True))
+
+
+def _mask(ids: np.ndarray) -> np.ndarray:
+    mask = np.ones_like(ids)
+    mask[-1, -3:] = 0  # one padded row
+    return mask
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_activate_gives_each_baked_engines_outputs(family, exported):
+    """After every swap (t1, t2, t1, base, t2) run() equals that task's baked engine (fp32: max |Δ| ≤ 1e-5),
+    and None gives the base engine back: the weights are rebuilt from W0, never by subtraction."""
+    dep = exported[family]
+    manifest = read_manifest(dep)
+    io = manifest["base"]["io"]
+    rt = Runtime.open(dep, threads=2)
+    assert rt.mode == "swap" and rt.tasks == ["t1", "t2"] and rt.active is None
+    ids = _ids(manifest["base"]["vocab_size"])
+    feeds = {"input_ids": ids, "attention_mask": _mask(ids) if io["kind"] != "causal-lm" else np.ones_like(ids)}
+    key = "logits" if io["kind"] == "causal-lm" or family == "bert" else "last_hidden_state"
+    baked = {t: _engine_run(_engine(dep, manifest["tasks"][t]["engine"]), feeds, io)["logits"] for t in rt.tasks}
+    base = _engine_run(_engine(dep, manifest["base"]["engine"]), feeds, io)
+    base_key = "logits" if io["kind"] == "causal-lm" else "pooler_output"
+    for task in ["t1", "t2", "t1", None, "t2"]:
+        rt.activate(task)
+        assert rt.active == task
+        out = rt.run(**feeds)
+        if task is None:
+            assert np.abs(out[base_key] - base[base_key]).max() <= 1e-5
+        else:
+            assert np.abs(out[key] - baked[task]).max() <= 1e-5, (family, task)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_follows_peft_greedy_decoding(family, family_adapters, exported):
+    """generate() through the KV cache = the peft-merged model's greedy tokens, per task, after swaps."""
+    base, adapters = family_adapters[family]
+    rt = Runtime.open(exported[family], threads=2)
+    prompt = _ids(rt.manifest["base"]["vocab_size"], 1, 6)[0]
+    for task in ["t2", "t1"]:
+        _, merged = peft_reference(base, adapters[task], "CAUSAL_LM")
+        with torch.no_grad():
+            ref = merged.generate(torch.from_numpy(prompt)[None], max_new_tokens=8, do_sample=False,
+                                  min_new_tokens=8, pad_token_id=0)[0, len(prompt):].tolist()
+        rt.activate(task)
+        streamed: list[int] = []
+        got = rt.generate(prompt, 8, stream=streamed.append)
+        assert got == ref and streamed == ref, (family, task)
+    sampled = rt.generate(prompt, 5, temperature=0.8, top_p=0.9, seed=1)
+    assert sampled == rt.generate(prompt, 5, temperature=0.8, top_p=0.9, seed=1) and len(sampled) == 5
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen2"])
+def test_mixed_task_batch_rows_equal_each_tasks_engine(family, exported):
+    """run(tasks=[...]) serves rows of different tasks (and the base) in one call on base/lora.onnx."""
+    dep = exported[family]
+    manifest = read_manifest(dep)
+    io = manifest["base"]["io"]
+    rt = Runtime.open(dep, threads=2)
+    ids = _ids(manifest["base"]["vocab_size"], batch=4)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    rows = ["t1", "t2", "t2", "t1"]
+    got = rt.run(**feeds, tasks=rows)["logits"]
+    for i, task in enumerate(rows):
+        ref = _engine_run(_engine(dep, manifest["tasks"][task]["engine"]),
+                          {k: v[i:i + 1] for k, v in feeds.items()}, io)["logits"]
+        assert np.abs(got[i] - ref[0]).max() <= 1e-4, (family, i, task)
+    assert rt.active is None  # a mixed batch does not change the active task
+
+
+def test_ort_adapter_files_run_on_the_lora_graph(exported):
+    """Each task's adapter.onnx_adapter, activated with ONNX Runtime's own API, reproduces its engine."""
+    dep = exported["llama"]
+    manifest = read_manifest(dep)
+    io = manifest["base"]["io"]
+    lora = _engine(dep, manifest["lora_graph"]["engine"])
+    ids = _ids(manifest["base"]["vocab_size"])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for task, entry in manifest["tasks"].items():
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(dep / entry["ort_adapter"]))  # memory-mapped by ONNX Runtime
+        opts = ort.RunOptions()
+        opts.add_active_adapter(adapter)
+        call = dict(feeds)
+        call |= {n: np.zeros((2, io["num_kv_heads"], 0, io["head_dim"]), np.float32)
+                 for n in io["inputs"] if n.startswith("past_key_values.")}
+        got = lora.run(["logits"], call, opts)[0]
+        ref = _engine_run(_engine(dep, entry["engine"]), feeds, io)["logits"]
+        assert np.abs(got - ref).max() <= 1e-4, task
+
+
+def _copy_dep(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_failed_activate_or_load_leaves_the_previous_task(exported, tmp_path):
+    """Corrupt delta, delta for another base, wrong shapes: one-line DeltaError, the active task and its
+    outputs unchanged; then a good file loads under a new name."""
+    from safetensors.numpy import load_file, save_file
+
+    dep = _copy_dep(exported["bert"], tmp_path / "dep")
+    rt = Runtime.open(dep, threads=2)
+    ids = _ids(rt.manifest["base"]["vocab_size"])
+    rt.activate("t1")
+    before = rt.run(input_ids=ids)["logits"]
+
+    good = dep / "tasks/t2/delta.safetensors"
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(good.read_bytes()[:1000])
+    other_base = tmp_path / "other.safetensors"
+    tensors = load_file(str(good))
+    from safetensors import safe_open
+
+    with safe_open(str(good), "np") as f:
+        meta = dict(f.metadata())
+    save_file(tensors, str(other_base), {**meta, "base_fingerprint": "0" * 64})
+    wrong_shape = tmp_path / "shape.safetensors"
+    key = next(k for k in tensors if k.endswith("lora_A"))
+    save_file({**tensors, key: np.zeros((4, 7), np.float32)}, str(wrong_shape), meta)
+    nan = tmp_path / "nan.safetensors"
+    save_file({**tensors, key: np.full_like(tensors[key], np.nan)}, str(nan), meta)
+
+    for bad, needle in [(corrupt, "safetensors"), (other_base, "base"), (wrong_shape, "do not fit"),
+                        (nan, "Inf/NaN"), (tmp_path / "missing.safetensors", "no such")]:
+        with pytest.raises(DeltaError) as err:
+            rt.load("t3", bad)
+        assert needle in str(err.value) and "\n" not in str(err.value) and str(bad) in str(err.value)
+        assert rt.active == "t1" and "t3" not in rt.tasks
+        assert np.array_equal(rt.run(input_ids=ids)["logits"], before)
+    # a manifest task whose file went bad: activate raises, nothing changes
+    good.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(DeltaError):
+        rt.activate("t2")
+    assert rt.active == "t1" and np.array_equal(rt.run(input_ids=ids)["logits"], before)
+    # a good file under a new name, then unload
+    rt.load("t3", exported["bert"] / "tasks/t2/delta.safetensors")
+    rt.activate("t3")
+    ref = _engine_run(_engine(exported["bert"], "tasks/t2/model.onnx"), {"input_ids": ids,
+                      "attention_mask": np.ones_like(ids)}, rt.io)["logits"]
+    assert np.abs(rt.run(input_ids=ids)["logits"] - ref).max() <= 1e-5
+    with pytest.raises(Exception, match="active"):
+        rt.unload("t3")
+    rt.activate("t1")
+    rt.unload("t3")
+    assert "t3" not in rt.tasks
+
+
+def test_lru_bound_keeps_the_active_task_and_reloads_on_demand(exported, tmp_path):
+    dep = _copy_dep(exported["bert"], tmp_path / "dep")
+    for i in range(3, 7):
+        shutil.copytree(dep / "tasks/t1", dep / f"tasks/t{i}")
+    rt = Runtime.open(dep, threads=1, max_resident=2)
+    for i in range(3, 7):
+        rt.load(f"t{i}", dep / f"tasks/t{i}/delta.safetensors")
+    assert len(rt.store.resident) <= 2
+    ids = _ids(rt.manifest["base"]["vocab_size"])
+    rt.activate("t3")
+    first = rt.run(input_ids=ids)["logits"]
+    for name in ["t4", "t5", "t6", "t2", "t3"]:
+        rt.activate(name)
+        assert len(rt.store.resident) <= 2 and rt.active in rt.store.resident
+    assert np.array_equal(rt.run(input_ids=ids)["logits"], first)  # t3 again, re-read from disk
+
+
+def test_soak_four_readers_one_swapper_never_see_a_mixture(exported):
+    """4 inference threads and 1 thread doing 1,000 swaps: every output is exactly one task's output
+    (t1, t2 or the base), and resident memory does not grow (< 2%)."""
+    import psutil
+
+    dep = exported["bert"]
+    rt = Runtime.open(dep, threads=1)
+    ids = _ids(rt.manifest["base"]["vocab_size"], batch=1, seq=8)
+    expected = {}
+    for task in ("t1", "t2"):
+        rt.activate(task)
+        expected[task] = rt.run(input_ids=ids)["logits"]
+    rt.activate(None)
+    expected[None] = rt.run(input_ids=ids)["pooler_output"]
+    assert np.abs(expected["t1"] - expected["t2"]).max() > 1e-3
+    proc = psutil.Process()
+    for _ in range(50):  # warm every path before the memory baseline
+        rt.activate("t1")
+        rt.activate("t2")
+        rt.run(input_ids=ids)
+    rss0 = proc.memory_info().rss
+    stop = threading.Event()
+    bad: list[str] = []
+    counts = [0] * 4
+
+    def reader(k: int) -> None:
+        while not stop.is_set():
+            out = rt.run(input_ids=ids)
+            got = out.get("logits", out.get("pooler_output"))
+            if not any(got.shape == e.shape and np.array_equal(got, e) for e in expected.values()):
+                bad.append(f"thread {k}: output matches no task")
+            counts[k] += 1
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    order = ["t1", "t2", None]
+    for i in range(1000):
+        rt.activate(order[i % 3])
+    stop.set()
+    for t in threads:
+        t.join()
+    growth = (proc.memory_info().rss - rss0) / rss0
+    assert not bad, bad[:3]
+    assert min(counts) > 0
+    assert growth < 0.02, f"RSS grew {growth:.1%}"
+
+
+def test_runtime_imports_no_torch_transformers_peft_or_onnx(exported, tmp_path):
+    """In a process where importing torch, transformers, peft or onnx raises, the runtime opens a
+    deployment, runs every task and generates; its outputs match the baked engines run here."""
+    results = {}
+    for family in ("bert", "llama"):
+        dep = exported[family]
+        manifest = read_manifest(dep)
+        ids = _ids(manifest["base"]["vocab_size"])
+        np.save(tmp_path / f"{family}_ids.npy", ids)
+        results[family] = {t: _engine_run(_engine(dep, e["engine"]), {"input_ids": ids,
+                           "attention_mask": np.ones_like(ids)}, manifest["base"]["io"])["logits"]
+                           for t, e in manifest["tasks"].items()}
+    script = f"""
+import sys, importlib.abc
+BLOCKED = ("torch", "transformers", "peft", "onnx")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked on the device: " + name)
+sys.meta_path.insert(0, Block())
+import numpy as np
+from edgelora.runtime import Runtime
+for family, dep in {json.dumps({f: str(exported[f]) for f in results})}.items():
+    rt = Runtime.open(dep, threads=1)
+    ids = np.load(r"{tmp_path}/" + family + "_ids.npy")
+    for task in rt.tasks:
+        rt.activate(task)
+        np.save(r"{tmp_path}/" + family + "_" + task + ".npy", rt.run(input_ids=ids)["logits"])
+    if rt.kind == "causal-lm":
+        assert len(rt.generate(ids[0], 3)) == 3
+assert not any(m.split(".")[0] in BLOCKED for m in sys.modules), sorted(sys.modules)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    for family, tasks in results.items():
+        for task, ref in tasks.items():
+            got = np.load(tmp_path / f"{family}_{task}.npy")
+            assert np.abs(got - ref).max() <= 1e-5, (family, task)
+
+
+def test_bad_folder_and_unknown_task_are_one_line_errors(exported, tmp_path, cli):
+    from edgelora.errors import EdgeloraError
+
+    with pytest.raises(EdgeloraError, match="manifest.json"):
+        Runtime.open(tmp_path)
+    rt = Runtime.open(exported["bert"])
+    with pytest.raises(EdgeloraError, match="no task 'nope'"):
+        rt.activate("nope")
+    res = cli("run", exported["bert"], "--task", "nope", "--text", "hi")
+    assert res.code == 2 and res.err.count("\n") == 1 and "no task 'nope'" in res.err
+
+
+def test_cli_run_classifies_text_with_the_tiny_tokenizer(exported, cli):
+    res = cli("run", exported["bert"], "--task", "t1", "--text", "abc", "--text", "hello there", "--json")
+    assert res.code == 0, res.err
+    out = json.loads(res.out)
+    assert out["mode"] == "swap" and len(out["results"]) == 2
+    assert all(0 < r["probability"] <= 1 for r in out["results"])
+    res = cli("run", exported["llama"], "--task", "t2", "--text", "abc", "--max-new-tokens", "4", "--json")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["results"][0]["tokens"] == 4
