@@ -100,7 +100,9 @@ def _build_engine(model: Any, task: str, headless: bool, target: Target, work: P
     final = fp32
     if target.precision != "fp32":
         final = work / f"{stem}.{target.precision}.onnx"
-        onnx_quantize.quantize(fp32, final, target)
+        # a classification head stays fp32: a few KB, and the runtime applies it in fp32 beside the base
+        exclude = onnx_quantize.head_nodes(fp32) if task == "sequence-classification" else ()
+        onnx_quantize.quantize(fp32, final, target, exclude)
     return final, fp32, spec, fused
 
 

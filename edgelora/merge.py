@@ -19,10 +19,16 @@ from .validate import MergePlan, MergeTarget
 
 
 def delta(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """``ΔW = scale · B @ A`` in fp32: A (r, in), B (out, r) -> (out, in), or (in, out) if fan_in_fan_out."""
-    dw = (B.to(torch.float32) @ A.to(torch.float32)) * scale  # (out, in)
-    if fan_in_fan_out:
-        dw = dw.T
+    """``ΔW = scale · B @ A`` in fp32: A (r, in), B (out, r) -> (out, in), or (in, out) if fan_in_fan_out.
+
+    Computed by the on-device runtime's own function (numpy, (in, out) layout), so the weights baked
+    into an engine and the weights the runtime rebuilds on a swap are the same bits."""
+    from .runtime.swap import lora_delta_in_out
+
+    a = A.detach().to("cpu", torch.float32).numpy()
+    b = B.detach().to("cpu", torch.float32).numpy()
+    dw_t = torch.from_numpy(lora_delta_in_out(a, b, float(scale)))  # (in, out)
+    dw = dw_t if fan_in_fan_out else dw_t.T
     if not bool(torch.isfinite(dw).all()):
         raise EdgeloraError("ΔW = s·B·A overflows to Inf/NaN in fp32; the adapter is broken, retrain it")
     return dw

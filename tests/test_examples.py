@@ -87,9 +87,38 @@ def test_default_export_is_the_main_job(tmp_path, cli, monkeypatch):
 
     res = cli("bench", dep, "--rounds", "1", "--json")
     assert res.code == 0, res.err
-    engines = json.loads(res.out)["engines"]
-    assert {"base", "sst2", "agnews", "sst2 (PEFT unmerged, PyTorch)"} <= set(engines)
+    result = json.loads(res.out)
+    engines = result["engines"]
+    assert {"base", "sst2", "agnews", "sst2 (PEFT unmerged, PyTorch)", "sst2 (runtime, swap)"} <= set(engines)
     assert all(e["median_ms"] > 0 for e in engines.values())
+    assert result["swap"]["activate_median_ms"] > 0 and result["swap"]["open_session_median_ms"] > 0
+
+    # the on-device runtime on the same folder: text in, the example's class out, equal to the baked engine
+    res = cli("run", dep, "--task", "sst2", "--text", "a gorgeous, witty, seductive movie",
+              "--text", "the plot is a dull mess", "--json")
+    assert res.code == 0, res.err
+    assert [r["label"] for r in json.loads(res.out)["results"]] == ["positive", "negative"]
+    _runtime_matches_baked(dep, "sst2", max_abs_diff=1e-5)
+
+
+def _runtime_matches_baked(dep, task, max_abs_diff):
+    """Runtime after swaps vs the task's baked engine on the shipped SST-2 sample: same argmax on every
+    row, logits within ``max_abs_diff``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgelora.runtime import Runtime
+
+    rt = Runtime.open(dep, threads=2)
+    for name in (*rt.tasks, task):  # arrive at the task through the others
+        rt.activate(name)
+    engine = ort.InferenceSession(str(dep / rt.manifest["tasks"][task]["engine"]), providers=["CPUExecutionProvider"])
+    texts = [e.text for e in read_classification(REPO / "examples/data/sst2-dev-500.tsv")]
+    for i in range(0, len(texts), 100):
+        enc = rt.tokenizer.encode(texts[i:i + 100])
+        got, ref = rt.run(**enc)["logits"], engine.run(None, enc)[0]
+        assert np.array_equal(got.argmax(1), ref.argmax(1))
+        assert np.abs(got - ref).max() <= max_abs_diff
 
 
 def test_int8_export_of_the_examples_keeps_accuracy(tmp_path, cli):
@@ -106,3 +135,7 @@ def test_int8_export_of_the_examples_keeps_accuracy(tmp_path, cli):
     manifest = json.loads((out / "manifest.json").read_text())
     fp32_params = 22_713_986 * 4
     assert (out / manifest["tasks"]["sst2"]["engine"]).stat().st_size < 0.3 * fp32_params
+    # the runtime re-quantizes the swapped columns with the quantizer's recipe: same classes as the
+    # baked int8 engine on every row, logits within the target's tolerance
+    assert manifest["swap"]["weights"] and {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"int8"}
+    _runtime_matches_baked(out, "sst2", max_abs_diff=manifest["target"]["tolerance"]["max_abs_diff"])

@@ -36,6 +36,19 @@ def int8_per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def lora_delta_in_out(A: np.ndarray, B: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``ΔWᵀ = (Aᵀ @ Bᵀ) · s`` as (in, out), fp32: the one definition of the LoRA delta's arithmetic.
+
+    The exporter merges with this same function (``edgelora.merge.delta``), so a weight the runtime
+    rebuilds is bit for bit the weight baked into the task engine (and int8 re-quantization of it
+    gives the baked engine's int8 values)."""
+    A = np.asarray(A, np.float32)
+    B = np.asarray(B, np.float32)
+    out = np.matmul(A.T, B.T, out=out)
+    out *= np.float32(scale)
+    return out
+
+
 def single_threaded_blas() -> bool:
     """Make numpy's OpenBLAS single-threaded *for the calling thread only* (``openblas_set_num_threads_local``).
 
@@ -100,14 +113,6 @@ class Location:
             width = self.slice[1] - self.slice[0]
             return (rows, width) if self.transposed else (cols, width)
         return (rows, cols) if self.transposed else (cols, rows)
-
-    def delta(self, d: DeltaModule) -> np.ndarray:
-        """``s·B·A`` in this location's layout, fp32, contiguous."""
-        A = np.asarray(d.A, np.float32)
-        B = np.asarray(d.B, np.float32)
-        if self.transposed:
-            return (A.T @ B.T) * np.float32(d.scale)
-        return (B @ A) * np.float32(d.scale)
 
 
 @dataclass
@@ -239,13 +244,11 @@ class SwapWeights:
         covered = np.zeros(axis_len, bool)
         for m in mods:
             d, loc = modules[m], self.locations[m]
-            A = np.asarray(d.A, np.float32)
-            sB = np.asarray(d.B, np.float32) * np.float32(d.scale)
             lo, hi = loc.slice or (0, axis_len)
-            if loc.transposed:  # W (in, out): ΔW[:, lo:hi] = Aᵀ (in, r) @ (s·B)ᵀ (r, out)
-                np.matmul(A.T, sB.T, out=out[:, lo:hi])
-            else:  # W (out, in): ΔW[lo:hi, :] = (s·B) (out, r) @ A (r, in)
-                np.matmul(sB, A, out=out[lo:hi, :])
+            if loc.transposed:  # W (in, out): ΔW[:, lo:hi] = (Aᵀ (in, r) @ Bᵀ (r, out)) · s
+                lora_delta_in_out(d.A, d.B, d.scale, out=out[:, lo:hi])
+            else:  # W (out, in): its slice, transposed
+                lora_delta_in_out(d.A, d.B, d.scale, out=out[lo:hi, :].T)
             covered[lo:hi] = True
         if not covered.all():
             gaps = np.flatnonzero(~covered)
