@@ -15,6 +15,7 @@ from edgelora.converters.onnx_names import WeightLocation
 from onnx import numpy_helper
 
 from edgelora.deploy import read_delta, read_manifest
+from edgelora.runtime import Runtime
 
 
 def _ids(vocab: int, batch: int = 2, seq: int = 12) -> np.ndarray:
@@ -211,6 +212,17 @@ def test_quantized_engines_stay_within_their_tolerance(precision, family_adapter
         assert cos >= min_cos and np.abs(got - ref).max() <= 5.0, (family, cos)
         assert 0 < np.abs(got - ref).max()  # it really is quantized
         assert report["tasks"]["t1"]["cosine"] >= min_cos
+        # the runtime on the quantized base: int8 re-quantizes the swapped weights (the baked engine's
+        # bits), int4 keeps the task unmerged on the quantized base (base/lora.onnx)
+        rt = Runtime.open(tmp_path / family, threads=1)
+        # (int4 leaves BERT's fused Attention weights in float: MatMulNBits takes MatMuls only, so they swap)
+        assert rt.mode == ("unmerged" if (precision, family) == ("int4", "llama") else "swap")
+        rt.activate("t1")
+        mine = rt.run(input_ids=ids)["logits"]
+        cos = float((mine.ravel() @ ref.ravel()) / np.linalg.norm(mine) / np.linalg.norm(ref))
+        assert cos >= min_cos and np.abs(mine - ref).max() <= 5.0, (family, precision, cos)
+        if precision == "int8" and family == "bert":
+            assert np.abs(mine - got).max() <= 1e-4  # same int8 weights as the baked engine, fp32 head
 
 
 def test_export_is_repeatable_and_forceable(family_adapters, tmp_path, cli):
@@ -397,6 +409,10 @@ def test_fp16_engines_on_the_cpu_match_pytorch(family, family_adapters, tmp_path
         ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
     got = _engine_logits(tmp_path / "o" / manifest["tasks"]["a"]["engine"], ids, manifest["tasks"]["a"]["engine_io"])
     assert 0 < np.abs(got - ref).max() <= 0.05
+    rt = Runtime.open(tmp_path / "o", threads=1)  # swaps cast W0 + ΔW to fp16 into the fed weights
+    assert rt.mode == "swap" and {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"float16"}
+    rt.activate("a")
+    assert np.abs(rt.run(input_ids=ids)["logits"] - ref).max() <= 0.05
 
 
 @pytest.mark.gpu

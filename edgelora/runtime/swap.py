@@ -130,7 +130,7 @@ class SwapWeights:
     def __init__(self, spec: Mapping[str, Any], w0: Mapping[str, np.ndarray], locations: Mapping[str, Location],
                  threads: int = 1) -> None:
         self.spec = {name: dict(entry) for name, entry in spec["weights"].items()}
-        self.w0 = dict(w0)
+        self.w0 = {k: np.asarray(v) for k, v in w0.items()}  # plain views of the memory map (no subclass per op)
         self.locations = {m: loc for m, loc in locations.items() if loc.weight in self.spec}
         for name, entry in self.spec.items():
             if name not in self.w0 or list(self.w0[name].shape) != list(entry["shape"]):
@@ -142,8 +142,8 @@ class SwapWeights:
         for module, loc in sorted(self.locations.items()):
             self.modules_of.setdefault(loc.weight, []).append(module)
         self._base = self._encode_all()  # W0 in each recipe's encoding, to reset untouched weights
-        self.slots = [Slot({k: v.copy() for k, v in self._base.items()}),
-                      Slot({k: v.copy() for k, v in self._base.items()})]
+        self.slots = [Slot({k: np.array(v, copy=True) for k, v in self._base.items()}),
+                      Slot({k: np.array(v, copy=True) for k, v in self._base.items()})]
         self._scratch: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
         self._index: dict[int, int] = {}
         self._index_lock = Lock()
@@ -163,7 +163,7 @@ class SwapWeights:
             w0 = np.asarray(self.w0[name], np.float32)
             inputs = entry["inputs"]
             if entry["recipe"] == "float32":
-                arrays[inputs["weight"]] = np.array(w0, np.float32, copy=True)
+                arrays[inputs["weight"]] = w0  # the memory-mapped pristine W0 itself: no extra copy
             elif entry["recipe"] == "float16":
                 arrays[inputs["weight"]] = w0.astype(np.float16)
             else:
