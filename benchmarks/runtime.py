@@ -90,6 +90,55 @@ print(json.dumps({"base_rss": base, "rss_with_tasks": after, "tasks": n, "delta_
 """
 
 
+_TAX_CHILD = """
+import json, statistics, sys, time, numpy as np, onnxruntime as ort
+from pathlib import Path
+from edgelora.runtime import Runtime
+from edgelora.runtime.runtime import session_options
+folder, rounds = Path(sys.argv[1]), int(sys.argv[2])
+# spinning off on both sides: with several sessions alive, threads spinning after one session's run
+# steal the cores of the next and the medians swing by +-20%; asleep, both sides pay the same wake-ups
+rt = Runtime.open(folder, threads=2, spinning=False)
+io, shapes = rt.io, rt.manifest["target"]["shapes"]
+rng = np.random.default_rng(0)
+vocab = int(rt.manifest["base"]["vocab_size"])
+if rt.kind == "causal-lm":  # one decode step at context `sequence`
+    seq = shapes["sequence"]
+    feeds = {"input_ids": rng.integers(5, vocab, (1, 1)), "attention_mask": np.ones((1, seq), np.int64)}
+    feeds |= {n: rng.standard_normal((1, io["num_kv_heads"], seq - 1, io["head_dim"])).astype(np.float32)
+              for n in io["inputs"] if n.startswith("past_key_values.")}
+else:
+    feeds = {"input_ids": rng.integers(1000, min(vocab, 29000), (1, shapes["sequence"])),
+             "attention_mask": np.ones((1, shapes["sequence"]), np.int64)}
+out = {}
+for task in rt.tasks:
+    entry = rt.manifest["tasks"][task]
+    baked = ort.InferenceSession(str(folder / entry["engine"]), session_options(2, spinning=False),
+                                 providers=["CPUExecutionProvider"])
+    rt.activate(task)
+    fns = {"baked": lambda: baked.run(None, feeds), "runtime": lambda: rt.run(**feeds)}
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            for _ in range(3):
+                f()
+            for _ in range(10):
+                t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
+    b, r = statistics.median(times["baked"]) * 1e3, statistics.median(times["runtime"]) * 1e3
+    out[task] = {"baked_ms": b, "runtime_ms": r, "ratio": r / b}
+    del baked, fns
+print(json.dumps(out))
+"""
+
+
+def latency_tax(folder: Path, rounds: int = 10) -> dict:
+    """run() after a swap vs the task's baked engine, the same session options, alone in a fresh process
+    (no torch threads, no other sessions), interleaved blocks."""
+    res = subprocess.run([sys.executable, "-c", _TAX_CHILD, str(folder), str(rounds)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def memory(folder: Path, n: int = 8) -> dict:
     """A fresh process: RSS with the base only, then with ``n`` tasks loaded and activated."""
     res = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(folder), str(n)], capture_output=True, text=True,
@@ -179,7 +228,8 @@ def main() -> None:
         folder = _export(None, w1, target, args.work / f"w1-{target}")
         b = bench(folder, threads=2, rounds=args.rounds)
         print(bench_table(b), flush=True)
-        result[f"w1 {target}"] = {"bench": b, "parity": parity(folder), "memory": memory(folder)}
+        result[f"w1 {target}"] = {"bench": b, "parity": parity(folder), "memory": memory(folder),
+                                   "tax": latency_tax(folder, args.rounds)}
         print(json.dumps({k: v for k, v in result[f"w1 {target}"].items() if k != "bench"}, indent=1), flush=True)
     for seq in (128, 16):
         result[f"w1 mixed batch, {seq} tokens"] = mixed(args.work / "w1-cpu-fp32", args.rounds, seq)
@@ -190,7 +240,7 @@ def main() -> None:
         folder = _export(base, adapters, "cpu-fp32", args.work / "w2-cpu-fp32")
         b = bench(folder, threads=2, rounds=max(3, args.rounds // 2), peft=True)
         print(bench_table(b), flush=True)
-        result["w2 cpu-fp32"] = {"bench": b}
+        result["w2 cpu-fp32"] = {"bench": b, "tax": latency_tax(folder, args.rounds)}
         result["w2 mixed batch, decode"] = mixed(folder, max(3, args.rounds // 2), 128)
         print(json.dumps(result["w2 mixed batch, decode"], indent=1), flush=True)
     print(summary(result))
@@ -214,7 +264,10 @@ def summary(result: dict) -> str:
                          f"({sw['peft_switch_median_ms']:.1f} ms) | ≥ 5x |")
         for name, row in b["engines"].items():
             if "(runtime" in name:
-                lines.append(f"| {key}: {name} / baked | {row['vs_baked']:.3f}x | ≤ 1.03 |")
+                lines.append(f"| {key}: {name} / baked, in the edgelora bench line-up | {row['vs_baked']:.3f}x | - |")
+        for task, tx in result[key].get("tax", {}).items():
+            lines.append(f"| {key}: {task} run after a swap / baked engine, alone | {tx['ratio']:.3f}x "
+                         f"({tx['runtime_ms']:.2f} vs {tx['baked_ms']:.2f} ms) | ≤ 1.03 |")
         for task, p in result[key].get("parity", {}).items():
             lines.append(f"| {key}: {task} vs baked, SST-2 sample | max abs diff {p['max_abs_diff']:.2e}, "
                          f"same argmax {p['same_argmax']}/{p['rows']} | fp32 ≤ 1e-5; int8 identical argmax |")
