@@ -313,3 +313,20 @@ def test_cli_run_classifies_text_with_the_tiny_tokenizer(exported, cli):
     res = cli("run", exported["llama"], "--task", "t2", "--text", "abc", "--max-new-tokens", "4", "--json")
     assert res.code == 0, res.err
     assert json.loads(res.out)["results"][0]["tokens"] == 4
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_unmerged_mode_runs_tasks_as_lora_branches(family, exported):
+    """Runtime.open(unmerged=True): no weight rebuild, the task's A, B fed to base/lora.onnx; same outputs
+    as the baked engines (within fp32 rounding of the unmerged sum)."""
+    dep = exported[family]
+    manifest = read_manifest(dep)
+    io = manifest["base"]["io"]
+    rt = Runtime.open(dep, threads=1, unmerged=True)
+    assert rt.mode == "unmerged"
+    ids = _ids(manifest["base"]["vocab_size"])
+    for task in ["t2", "t1", "t2"]:
+        rt.activate(task)
+        ref = _engine_run(_engine(dep, manifest["tasks"][task]["engine"]), {"input_ids": ids,
+                          "attention_mask": np.ones_like(ids)}, io)["logits"]
+        assert np.abs(rt.run(input_ids=ids)["logits"] - ref).max() <= 1e-4, (family, task)

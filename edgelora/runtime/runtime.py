@@ -64,7 +64,7 @@ class _State:
 
 class Runtime:
     def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None, max_resident: int | None,
-                 provider: str | None, spinning: bool = True) -> None:
+                 provider: str | None, spinning: bool = True, unmerged: bool = False) -> None:
         import onnxruntime as ort
 
         self.folder = folder
@@ -81,7 +81,7 @@ class Runtime:
         self._lora_graph = manifest.get("lora_graph")
         self._lora_session: Any = None
         self._engines: dict[str, Any] = {}
-        swap = manifest.get("swap")
+        swap = None if unmerged and self._lora_graph else manifest.get("swap")
         locations = {m: Location.from_json(d) for m, d in manifest["name_map"]["modules"].items()}
         if swap:
             locations = {m: Location.from_json(d) for m, d in swap["modules"].items()}
@@ -120,17 +120,19 @@ class Runtime:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | os.PathLike[str], threads: int | None = None, max_resident: int | None = None,
-             provider: str | None = None, spinning: bool = True) -> Runtime:
+             provider: str | None = None, spinning: bool = True, unmerged: bool = False) -> Runtime:
         """Open a deployment folder written by ``edgelora export``. ``threads``: ONNX Runtime intra-op threads
         (and swap workers, up to 4); ``max_resident``: LRU bound on tasks held in memory; ``provider``:
-        override the target's execution provider; ``spinning=False``: idle engine threads sleep at once."""
+        override the target's execution provider; ``spinning=False``: idle engine threads sleep at once;
+        ``unmerged=True``: run tasks as LoRA branches on base/lora.onnx (near-free ``activate``, slower
+        ``run``) instead of rebuilding weights (the default where the base allows it)."""
         folder = Path(path)
         manifest = read_json(folder / MANIFEST, "manifest.json")
         if manifest.get("format") != SUPPORTED_FORMAT:
             raise EdgeloraError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this runtime reads "
                                 f"{SUPPORTED_FORMAT}; re-export with this edgelora version")
         try:
-            return cls(folder, manifest, threads, max_resident, provider, spinning)
+            return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged)
         except KeyError as exc:
             raise EdgeloraError(f"{folder / MANIFEST}: field {exc} is missing; re-run edgelora export") from None
 
