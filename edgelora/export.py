@@ -335,6 +335,15 @@ def export(
             "machine": {"threads": threads, "cpu": platform.processor() or platform.machine()},
         }
         write_json(out / MANIFEST, manifest)
+        if swap is not None or lora_graph is not None:
+            report_step("checking the on-device runtime against the baked engines")
+            for name, diff in _check_runtime(out, manifest, target, threads).items():
+                task_reports[name]["runtime_max_abs_diff"] = diff
+                # a swap rebuilds the baked engine's weights, so it is held to the tolerance; unmerged
+                # (int4: LoRA beside a quantized W0) is a different approximation and is reported only
+                if swap is not None and diff > tol.max_abs_diff:
+                    failures.append(f"{name} (runtime swap): max |Δ| {diff:.3g} "
+                                    f"vs the baked engine > {tol.max_abs_diff:g}")
         write_json(out / REPORT_JSON, report)
         (out / REPORT_MD).write_text(report_markdown(report), encoding="utf-8")
         report["failures"] = failures
@@ -390,6 +399,33 @@ def _swap_graph(out: Path, work: Path, target: Target, fused_inits: Mapping[str,
     save_float32_safetensors(fp32, out / SWAP_W0, {"format": str(FORMAT_VERSION)})
     return {"engine": SWAP_ENGINE, "w0": SWAP_W0, "graph": graph,
             "modules": {m: loc.to_json() for m, loc in sorted(locations.items())}, **swap}, None
+
+
+def _check_runtime(out: Path, manifest: Mapping[str, Any], target: Target, threads: int) -> dict[str, float]:
+    """What the device will compute: ``edgelora.runtime`` on this folder, each task activated (weights
+    rebuilt, or fed as branches), vs the task's baked engine on fixed inputs: max |Δ| of the logits."""
+    from .runtime import Runtime
+    from .verify import fixed_inputs, session
+
+    rt = Runtime.open(out, threads=threads, provider=target.provider)
+    inputs = fixed_inputs(int(manifest["base"]["vocab_size"]), 2, min(16, target.shapes.sequence))
+    if rt.kind == "causal-lm":
+        inputs["attention_mask"] = np.ones_like(inputs["attention_mask"])  # left-aligned rows, no padding
+    diffs = {}
+    for name, entry in manifest["tasks"].items():
+        if not entry.get("engine") or not entry.get("swappable", True):
+            continue
+        rt.activate(name)
+        got = rt.run(**inputs)["logits"]
+        sess = session(out / entry["engine"], target.provider, threads)
+        feeds = dict(inputs)
+        io = entry["engine_io"]
+        if io["kind"] == "causal-lm":
+            feeds |= {n: np.zeros((2, io["num_kv_heads"], 0, io["head_dim"]), np.float32)
+                      for n in io["inputs"] if n.startswith("past_key_values.")}
+        ref = sess.run(["logits"], feeds)[0]
+        diffs[name] = float(np.abs(got - ref).max())
+    return diffs
 
 
 def _write_ort_adapter(path: Path, modules: Mapping[str, DeltaModule], lora_graph: Mapping[str, Any]) -> None:
