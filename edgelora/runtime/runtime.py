@@ -206,7 +206,9 @@ class Runtime:
 
     def activate(self, name: str | None) -> None:
         """Make ``name`` the task every following ``run`` uses (``None``: the base model). Atomic: a failure
-        (bad delta file, wrong base, wrong shapes) raises and leaves the previous task active."""
+        (bad delta file, wrong base, wrong shapes) raises and leaves the previous task active. Calls in
+        flight finish on the weights they started with; a swap waits only for calls still reading the
+        idle slot (a ``generate`` that began two swaps ago holds its slot until it ends)."""
         with self._activating:
             if name == self._state.task:
                 return
