@@ -95,10 +95,10 @@ import json, statistics, sys, time, numpy as np, onnxruntime as ort
 from pathlib import Path
 from edgelora.runtime import Runtime
 from edgelora.runtime.runtime import session_options
-folder, rounds = Path(sys.argv[1]), int(sys.argv[2])
+folder, rounds, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 # spinning off on both sides: with several sessions alive, threads spinning after one session's run
 # steal the cores of the next and the medians swing by +-20%; asleep, both sides pay the same wake-ups
-rt = Runtime.open(folder, threads=2, spinning=False)
+rt = Runtime.open(folder, threads=2, spinning=False, unmerged={"auto": None, "swap": False, "unmerged": True}[mode])
 io, shapes = rt.io, rt.manifest["target"]["shapes"]
 rng = np.random.default_rng(0)
 vocab = int(rt.manifest["base"]["vocab_size"])
@@ -125,17 +125,17 @@ for task in rt.tasks:
             for _ in range(10):
                 t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
     b, r = statistics.median(times["baked"]) * 1e3, statistics.median(times["runtime"]) * 1e3
-    out[task] = {"baked_ms": b, "runtime_ms": r, "ratio": r / b}
+    out[task] = {"baked_ms": b, "runtime_ms": r, "ratio": r / b, "mode": rt.mode}
     del baked, fns
 print(json.dumps(out))
 """
 
 
-def latency_tax(folder: Path, rounds: int = 10) -> dict:
+def latency_tax(folder: Path, rounds: int = 10, mode: str = "auto") -> dict:
     """run() after a swap vs the task's baked engine, the same session options, alone in a fresh process
     (no torch threads, no other sessions), interleaved blocks."""
-    res = subprocess.run([sys.executable, "-c", _TAX_CHILD, str(folder), str(rounds)], capture_output=True, text=True,
-                         check=True)
+    res = subprocess.run([sys.executable, "-c", _TAX_CHILD, str(folder), str(rounds), mode], capture_output=True,
+                         text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -215,6 +215,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgelora-runtime"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--skip-w1", action="store_true")
     ap.add_argument("--skip-w2", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -224,14 +225,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     result: dict = {}
     w1 = default_adapters()
-    for target in ("cpu-fp32", "cpu-int8"):
+    for target in () if args.skip_w1 else ("cpu-fp32", "cpu-int8"):
         folder = _export(None, w1, target, args.work / f"w1-{target}")
         b = bench(folder, threads=2, rounds=args.rounds)
         print(bench_table(b), flush=True)
         result[f"w1 {target}"] = {"bench": b, "parity": parity(folder), "memory": memory(folder),
                                    "tax": latency_tax(folder, args.rounds)}
         print(json.dumps({k: v for k, v in result[f"w1 {target}"].items() if k != "bench"}, indent=1), flush=True)
-    for seq in (128, 16):
+    for seq in () if args.skip_w1 else (128, 16):
         result[f"w1 mixed batch, {seq} tokens"] = mixed(args.work / "w1-cpu-fp32", args.rounds, seq)
         print(json.dumps(result[f"w1 mixed batch, {seq} tokens"], indent=1), flush=True)
     if not args.skip_w2:
@@ -241,6 +242,14 @@ def main() -> None:
         b = bench(folder, threads=2, rounds=max(3, args.rounds // 2), peft=True)
         print(bench_table(b), flush=True)
         result["w2 cpu-fp32"] = {"bench": b, "tax": latency_tax(folder, args.rounds)}
+        # the other mechanism side by side: weights rebuilt in place (the default for encoders)
+        from edgelora.bench import swap_times
+        from edgelora.runtime import Runtime
+
+        rt = Runtime.open(folder, threads=2, unmerged=False)
+        sw = swap_times(folder, rt.manifest, rt, 2, peft=False, rounds=max(3, args.rounds // 2))
+        result["w2 cpu-fp32 (swap)"] = {"swap": sw, "tax": latency_tax(folder, args.rounds, "swap")}
+        del rt
         result["w2 mixed batch, decode"] = mixed(folder, max(3, args.rounds // 2), 128)
         print(json.dumps(result["w2 mixed batch, decode"], indent=1), flush=True)
     print(summary(result))
@@ -250,12 +259,12 @@ def main() -> None:
 
 def summary(result: dict) -> str:
     lines = ["", "| measure | value | goal |", "|---|---|---|"]
-    for key in ("w1 cpu-fp32", "w1 cpu-int8", "w2 cpu-fp32"):
+    for key in ("w1 cpu-fp32", "w1 cpu-int8", "w2 cpu-fp32", "w2 cpu-fp32 (swap)"):
         if key not in result:
             continue
-        b = result[key]["bench"]
+        b = result[key].get("bench", {"engines": {}, "swap": result[key].get("swap")})
         sw = b["swap"]
-        lines.append(f"| {key}: activate median | {sw['activate_median_ms']:.2f} ms | "
+        lines.append(f"| {key}: activate median ({sw['mode']}) | {sw['activate_median_ms']:.2f} ms | "
                      f"{'≤ 20 ms' if key.startswith('w2') else '≤ 2 ms'} |")
         if "open_vs_activate" in sw:
             lines.append(f"| {key}: fresh session / activate | {sw['open_vs_activate']:.0f}x | ≥ 100x |")
@@ -266,8 +275,8 @@ def summary(result: dict) -> str:
             if "(runtime" in name:
                 lines.append(f"| {key}: {name} / baked, in the edgelora bench line-up | {row['vs_baked']:.3f}x | - |")
         for task, tx in result[key].get("tax", {}).items():
-            lines.append(f"| {key}: {task} run after a swap / baked engine, alone | {tx['ratio']:.3f}x "
-                         f"({tx['runtime_ms']:.2f} vs {tx['baked_ms']:.2f} ms) | ≤ 1.03 |")
+            lines.append(f"| {key}: {task} run after a switch ({tx['mode']}) / baked engine, alone | "
+                         f"{tx['ratio']:.3f}x ({tx['runtime_ms']:.2f} vs {tx['baked_ms']:.2f} ms) | ≤ 1.03 |")
         for task, p in result[key].get("parity", {}).items():
             lines.append(f"| {key}: {task} vs baked, SST-2 sample | max abs diff {p['max_abs_diff']:.2e}, "
                          f"same argmax {p['same_argmax']}/{p['rows']} | fp32 ≤ 1e-5; int8 identical argmax |")

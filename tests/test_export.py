@@ -214,7 +214,7 @@ def test_quantized_engines_stay_within_their_tolerance(precision, family_adapter
         assert report["tasks"]["t1"]["cosine"] >= min_cos
         # the runtime on the quantized base: int8 re-quantizes the swapped weights (the baked engine's
         # bits), int4 keeps the task unmerged on the quantized base (base/lora.onnx)
-        rt = Runtime.open(tmp_path / family, threads=1)
+        rt = Runtime.open(tmp_path / family, threads=1, unmerged=False)
         # (int4 leaves BERT's fused Attention weights in float: MatMulNBits takes MatMuls only, so they swap)
         assert rt.mode == ("unmerged" if (precision, family) == ("int4", "llama") else "swap")
         rt.activate("t1")
@@ -409,7 +409,7 @@ def test_fp16_engines_on_the_cpu_match_pytorch(family, family_adapters, tmp_path
         ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
     got = _engine_logits(tmp_path / "o" / manifest["tasks"]["a"]["engine"], ids, manifest["tasks"]["a"]["engine_io"])
     assert 0 < np.abs(got - ref).max() <= 0.05
-    rt = Runtime.open(tmp_path / "o", threads=1)  # swaps cast W0 + ΔW to fp16 into the fed weights
+    rt = Runtime.open(tmp_path / "o", threads=1, unmerged=False)  # swaps cast W0 + ΔW to fp16 into the fed weights
     assert rt.mode == "swap" and {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"float16"}
     rt.activate("a")
     assert np.abs(rt.run(input_ids=ids)["logits"] - ref).max() <= 0.05

@@ -53,7 +53,8 @@ def test_activate_gives_each_baked_engines_outputs(family, exported):
     dep = exported[family]
     manifest = read_manifest(dep)
     io = manifest["base"]["io"]
-    rt = Runtime.open(dep, threads=2)
+    assert Runtime.open(dep).mode == ("unmerged" if io["kind"] == "causal-lm" else "swap")  # the measured default
+    rt = Runtime.open(dep, threads=2, unmerged=False)  # weights rebuilt in place, for every family
     assert rt.mode == "swap" and rt.tasks == ["t1", "t2"] and rt.active is None
     ids = _ids(manifest["base"]["vocab_size"])
     feeds = {"input_ids": ids, "attention_mask": _mask(ids) if io["kind"] != "causal-lm" else np.ones_like(ids)}
@@ -75,7 +76,7 @@ def test_activate_gives_each_baked_engines_outputs(family, exported):
 def test_generate_follows_peft_greedy_decoding(family, family_adapters, exported):
     """generate() through the KV cache = the peft-merged model's greedy tokens, per task, after swaps."""
     base, adapters = family_adapters[family]
-    rt = Runtime.open(exported[family], threads=2)
+    rt = Runtime.open(exported[family], threads=2, unmerged=family == "gpt2")  # one of each mode
     prompt = _ids(rt.manifest["base"]["vocab_size"], 1, 6)[0]
     for task in ["t2", "t1"]:
         _, merged = peft_reference(base, adapters[task], "CAUSAL_LM")

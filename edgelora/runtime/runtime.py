@@ -64,7 +64,7 @@ class _State:
 
 class Runtime:
     def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None, max_resident: int | None,
-                 provider: str | None, spinning: bool = True, unmerged: bool = False) -> None:
+                 provider: str | None, spinning: bool = True, unmerged: bool | None = None) -> None:
         import onnxruntime as ort
 
         self.folder = folder
@@ -81,6 +81,11 @@ class Runtime:
         self._lora_graph = manifest.get("lora_graph")
         self._lora_session: Any = None
         self._engines: dict[str, Any] = {}
+        if unmerged is None:
+            # Measured (benchmarks/README.md): a decode step pays the same ~1.14x for fed weights as for
+            # LoRA branches, while a W2 rebuild takes 27 ms and switching branch feeds ~0; encoders pay
+            # 1.05x swapped vs 1.2x as branches. So decoders default to branches, encoders to swaps.
+            unmerged = manifest["base"]["io"]["kind"] == "causal-lm"
         swap = None if unmerged and self._lora_graph else manifest.get("swap")
         locations = {m: Location.from_json(d) for m, d in manifest["name_map"]["modules"].items()}
         if swap:
@@ -116,16 +121,18 @@ class Runtime:
         self._state = _State(None, slot=0 if self._swap else None,
                              feeds=self._base_feeds() if self.mode == "unmerged" else None)
         self._tokenizer: Any = None
+        self._feeds_cache: dict[str, dict[str, np.ndarray]] = {}  # unmerged mode: each task's branch feeds
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | os.PathLike[str], threads: int | None = None, max_resident: int | None = None,
-             provider: str | None = None, spinning: bool = True, unmerged: bool = False) -> Runtime:
+             provider: str | None = None, spinning: bool = True, unmerged: bool | None = None) -> Runtime:
         """Open a deployment folder written by ``edgelora export``. ``threads``: ONNX Runtime intra-op threads
         (and swap workers, up to 4); ``max_resident``: LRU bound on tasks held in memory; ``provider``:
         override the target's execution provider; ``spinning=False``: idle engine threads sleep at once;
-        ``unmerged=True``: run tasks as LoRA branches on base/lora.onnx (near-free ``activate``, slower
-        ``run``) instead of rebuilding weights (the default where the base allows it)."""
+        ``unmerged``: run tasks as LoRA branches on base/lora.onnx (``activate`` switches cached feeds) rather
+        than rebuilding weights; default (None): branches for decoders, rebuilt weights for encoders,
+        as measured; either way falls back to what the deployment has."""
         folder = Path(path)
         manifest = read_json(folder / MANIFEST, "manifest.json")
         if manifest.get("format") != SUPPORTED_FORMAT:
@@ -182,6 +189,7 @@ class Runtime:
             raise EdgeloraError(f"task name {name!r} is not usable; use letters, digits, - or _")
         with self._activating:
             delta = self.store.load(name, Path(path), protect=self.active)
+            self._feeds_cache.pop(name, None)
             if self._state.task == name:
                 self._switch(name, delta)
 
@@ -189,6 +197,7 @@ class Runtime:
         with self._activating:
             if name == self.active:
                 raise EdgeloraError(f"task {name!r} is active; activate another task before unloading it")
+            self._feeds_cache.pop(name, None)
             try:
                 self.store.unload(name)
             except KeyError:
@@ -196,7 +205,10 @@ class Runtime:
 
     def _delta(self, name: str) -> TaskDelta:
         try:
-            return self.store.get(name, protect=self.active)
+            delta = self.store.get(name, protect=self.active)
+            for gone in set(self._feeds_cache) - set(self.store.resident):  # the LRU bound covers feeds too
+                self._feeds_cache.pop(gone, None)
+            return delta
         except KeyError:
             raise EdgeloraError(f"no task {name!r}; tasks: {', '.join(self.tasks) or 'none'}") from None
 
@@ -224,7 +236,11 @@ class Runtime:
 
     def _build(self, modules: Mapping[str, Any], name: str | None, head: Mapping[str, np.ndarray] | None) -> _State:
         if self._swap is None:
-            feeds = stacked_feeds([modules], self._dims) if modules else self._base_feeds()
+            feeds = self._feeds_cache.get(name) if name is not None else None
+            if feeds is None:
+                feeds = stacked_feeds([modules], self._dims) if modules else self._base_feeds()
+                if name is not None:
+                    self._feeds_cache[name] = feeds
             return _State(name, feeds=feeds, head=head)
         current = self._state.slot if self._state.slot is not None else 0
         target = 1 - current
