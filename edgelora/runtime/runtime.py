@@ -2,12 +2,14 @@
 
 How a task is applied, chosen per deployment (``Runtime.mode``):
 
-- ``swap`` (fp32, fp16, int8 bases): ``base/swap.onnx`` reads its LoRA-target weights from two
+- ``swap`` (encoders on fp32, fp16, int8 bases): ``base/swap.onnx`` reads its LoRA-target weights from two
   runtime-owned slots. ``activate`` rebuilds ``W0 + s·B·A`` into the idle slot (waiting for runs that
   still read it), then flips; a run holds the slot it started on to its end, so every call sees one
   task's weights. Latency is the base engine's plus the cost of not prepacking those weights.
-- ``unmerged`` (int4 and other bases whose weights cannot be rebuilt on the device): the task's A and
-  B are fed to ``base/lora.onnx``; activating builds the feeds, the base weights never change.
+- ``unmerged`` (decoders by default, and int4 or other bases whose weights cannot be rebuilt on the
+  device): the task's A and B are fed to ``base/lora.onnx``; activating switches to the task's feeds
+  (built once, then cached), the base weights never change. At a decode step this costs what fed
+  weights cost, and switching is ~free (measured on W2; ``benchmarks/README.md``).
 - a task that is not a pure ``W0 + s·B·A`` update (DoRA, LoRA bias, heads inside the base) runs on
   its baked engine, opened on first use.
 
