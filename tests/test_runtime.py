@@ -331,3 +331,18 @@ def test_unmerged_mode_runs_tasks_as_lora_branches(family, exported):
         ref = _engine_run(_engine(dep, manifest["tasks"][task]["engine"]), {"input_ids": ids,
                           "attention_mask": np.ones_like(ids)}, io)["logits"]
         assert np.abs(rt.run(input_ids=ids)["logits"] - ref).max() <= 1e-4, (family, task)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_bench_and_benchmark_report_the_runtime(family, exported, cli):
+    """`edgelora bench` lines up the runtime after a switch beside the baked engines and times the switch;
+    Runtime.benchmark() measures run and activate (smoke-level: the numbers exist and are positive)."""
+    res = cli("bench", exported[family], "--rounds", "1", "--no-peft", "--json")
+    assert res.code == 0, res.err
+    result = json.loads(res.out)
+    mode = "unmerged" if family == "llama" else "swap"
+    assert {f"t1 (runtime, {mode})", f"t2 (runtime, {mode})"} <= set(result["engines"])
+    assert result["swap"]["mode"] == mode and result["swap"]["activate_median_ms"] > 0
+    assert result["swap"]["open_session_median_ms"] > 0
+    b = Runtime.open(exported[family], threads=1).benchmark(runs=3, swaps=4, sequence=8)
+    assert b["run_median_ms"] > 0 and b["activate_median_ms"] > 0 and b["mode"] == mode
