@@ -1,11 +1,11 @@
-"""ONNX -> the swap graph: the base engine with every LoRA-target initializer turned into a graph input.
+"""ONNX -> the swap graph: a base graph with every LoRA-target initializer turned into a graph input.
 
 The on-device runtime swaps tasks by rebuilding ``W0 + s·B·A`` into buffers it owns and feeding them
 to this graph (``base/swap.onnx``). Why inputs and not user-owned initializers: ONNX Runtime prepacks
 constant MatMul weights at session start and never looks at the original buffer again, so in-place
 edits are invisible; turning prepacking off for the whole session costs ~1.17x on W1, while feeding
-only the LoRA-target weights costs only their own packing (~1.03-1.05x on W1). See
-``benchmarks/README.md`` for the measurements.
+only the LoRA-target weights costs only their own packing (~1.03-1.05x on W1 encoders, ~1.1x at a
+decode step). See ``benchmarks/README.md`` for the measurements.
 
 Each targeted initializer is fed in the base engine's precision, by a recipe the runtime applies
 after the fp32 merge (the runtime never imports onnx, so everything it needs is in the manifest):
@@ -20,7 +20,9 @@ Other encodings (int4 ``MatMulNBits`` blocks) are not rebuilt on the device: a s
 quantizer's block search; those targets run tasks unmerged on ``base/lora.onnx`` instead.
 
 API: ``make_swap_graph(engine, dst, fp32_weights, locations) -> (manifest entry | None, reason | None)``.
-The graph shares the base engine's external data file (no second copy of the weights on disk).
+``engine`` is loaded without its external data and ``dst`` written beside it, so the swap graph points
+into the same data file (no second copy of the weights on disk): the base engine's, or for fp32 the
+unfused graph's (``base/lora.onnx.data``, see ``edgelora.export._swap_graph``).
 """
 
 from __future__ import annotations
