@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: swap graph, W0, row-masked lora.onnx, base fingerprint in every delta
 MANIFEST = "manifest.json"
 BASE_ENGINE = "base/model.onnx"
 BASE_DATA = "model.onnx.data"  # external data of the base engine, shared by the swap graph

@@ -298,6 +298,11 @@ def test_bad_folder_and_unknown_task_are_one_line_errors(exported, tmp_path, cli
 
     with pytest.raises(EdgeloraError, match="manifest.json"):
         Runtime.open(tmp_path)
+    old = shutil.copytree(exported["bert"], tmp_path / "old")  # a folder from an earlier format
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(EdgeloraError, match="format 1, this runtime reads 2; re-export"):
+        Runtime.open(old)
     rt = Runtime.open(exported["bert"])
     with pytest.raises(EdgeloraError, match="no task 'nope'"):
         rt.activate("nope")

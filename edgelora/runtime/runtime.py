@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..deploy import MANIFEST
+from ..deploy import FORMAT_VERSION, MANIFEST
 from ..errors import EdgeloraError
 from .files import mmap_safetensors, read_json
 from .heads import apply_head, unsupported
@@ -37,7 +37,7 @@ from .lora import stacked_feeds
 from .store import AdapterStore, TaskDelta
 from .swap import Location, SwapWeights
 
-SUPPORTED_FORMAT = 1
+SUPPORTED_FORMAT = FORMAT_VERSION
 
 
 def session_options(threads: int | None, spinning: bool = True) -> Any:
