@@ -89,7 +89,7 @@ class Runtime:
             # 1.05x swapped vs 1.2x as branches. So decoders default to branches, encoders to swaps.
             unmerged = manifest["base"]["io"]["kind"] == "causal-lm"
         swap = None if unmerged and self._lora_graph else manifest.get("swap")
-        locations = {m: Location.from_json(d) for m, d in manifest["name_map"]["modules"].items()}
+        self._lora_dims = _module_dims(self._lora_graph["modules"]) if self._lora_graph else {}
         if swap:
             locations = {m: Location.from_json(d) for m, d in swap["modules"].items()}
             w0, _ = mmap_safetensors(folder / swap["w0"])
@@ -103,14 +103,11 @@ class Runtime:
             if self._lora_graph:
                 self.mode = "unmerged"
                 self._session = self._lora()
-                lora_locs = {m: Location.from_json(d) for m, d in self._lora_graph["modules"].items()}
-                dims = {m: loc.dims(tuple(d["shape"])) for (m, loc), d in
-                        zip(lora_locs.items(), self._lora_graph["modules"].values(), strict=True)}
+                dims = self._lora_dims
             else:
                 self.mode = "engines"
                 self._session = self._open(folder / manifest["base"]["engine"])
-                dims = {m: loc.dims(tuple(d["shape"])) for (m, loc), d in
-                        zip(locations.items(), manifest["name_map"]["modules"].values(), strict=True)}
+                dims = _module_dims(manifest["name_map"]["modules"])
         self._dims = dims
         self._outputs = [o.name for o in self._session.get_outputs()]
         self._input_types = {i.name: i.type for i in self._session.get_inputs()}
@@ -348,8 +345,7 @@ class Runtime:
         if self.mode == "engines":
             raise EdgeloraError(f"{self.folder}: no base/lora.onnx; mixed-task batches need a target with lora_graph")
         sess = self._lora()
-        lora_dims = {m: Location.from_json(d).dims(tuple(d["shape"])) for m, d in self._lora_graph["modules"].items()}
-        extra = stacked_feeds([d.modules for d in deltas], lora_dims, [names.index(t) for t in tasks])
+        extra = stacked_feeds([d.modules for d in deltas], self._lora_dims, [names.index(t) for t in tasks])
         out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, **extra}), strict=True))
         if not (self.headless and any(d.head for d in deltas)):
             return out
@@ -430,6 +426,11 @@ class Runtime:
         return {"mode": self.mode, "run_median_ms": float(np.median(run_ms)),
                 "activate_median_ms": float(np.median(act_ms)), "runs": runs, "swaps": swaps,
                 "threads": self.threads}
+
+
+def _module_dims(modules: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """{module: (in, out)} from a manifest's module -> weight-location map."""
+    return {m: Location.from_json(d).dims(tuple(d["shape"])) for m, d in modules.items()}
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

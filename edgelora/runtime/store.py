@@ -28,10 +28,6 @@ class TaskDelta:
     modules: dict[str, DeltaModule]
     head: dict[str, np.ndarray]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(m.A.nbytes + m.B.nbytes for m in self.modules.values()) + sum(h.nbytes for h in self.head.values())
-
 
 def read_task_delta(name: str, path: Path, fingerprint: str, dims: Mapping[str, tuple[int, int]],
                     head_shapes: Mapping[str, tuple[int, ...]] | None = None) -> TaskDelta:
