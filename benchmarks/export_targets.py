@@ -116,10 +116,11 @@ def _latency_lines(lat: dict, tasks: tuple[str, ...]) -> list[str]:
 
 def _sizes(folder: Path) -> dict:
     from edgelora.deploy import read_manifest
+    from edgelora.export import engine_size
 
-    m = read_manifest(folder)
-    return {"base": (folder / m["base"]["engine"]).stat().st_size,
-            **{n: (folder / e["engine"]).stat().st_size for n, e in m["tasks"].items()}}
+    m = read_manifest(folder)  # with the external data of the base engine (format 2)
+    return {"base": engine_size(folder / m["base"]["engine"]),
+            **{n: engine_size(folder / e["engine"]) for n, e in m["tasks"].items()}}
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 - int8: dynamic quantization (weights int8 per channel, activations quantized at run time).
 - int4: weight-only blockwise ``MatMulNBits``; embeddings too (``GatherBlockQuantized``) where
   the target asks, so the largest tensor of a decoder shrinks as well; MatMuls named in
-  ``eight_bit_nodes`` (attention projections in ``cpu-int4``) get 8-bit ``MatMulNBits`` instead.
+  ``eight_bit_nodes`` (in ``cpu-int4``: attention, MLP down projection, LM head) get 8-bit
+  ``MatMulNBits`` instead. Tied embeddings (the LM head's weight is the embedding table) are stored
+  once: the embedding Gather reads the head's quantized blocks.
 - fp16: ``onnxconverter_common``-free cast via ONNX Runtime's ``float16`` converter (keeps I/O fp32).
 
 API: ``quantize(src, dst, target) -> None``. Always called on a graph that already holds the merged
@@ -73,20 +75,110 @@ def _int4(src: Path, dst: Path, q: Any, exclude: tuple[str, ...] = ()) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
+    tied = tied_embedding(model) if q.tie_embeddings and q.quantize_embeddings else None
     ops = ("MatMul", "Gather") if q.quantize_embeddings else ("MatMul",)
     eight = [n.name for n in model.graph.node
              if n.op_type == "MatMul" and any(pattern in n.name for pattern in q.eight_bit_nodes)]
+    later = [tied[0]] if tied else []  # the tied embedding is rewired to the head's quantized tensor below
     quant = MatMulNBitsQuantizer(model, bits=4, block_size=q.block_size, is_symmetric=q.symmetric,
                                  accuracy_level=q.accuracy_level, op_types_to_quantize=ops,
-                                 nodes_to_exclude=[*eight, *exclude],
+                                 nodes_to_exclude=[*eight, *exclude, *later],
                                  quant_axes=(("MatMul", 0), ("Gather", 1)))
     quant.process()
-    if eight:  # the sensitive MatMuls (attention projections by default) at 8 bits, same kernel family
-        quant = MatMulNBitsQuantizer(quant.model.model, bits=8, block_size=q.block_size, is_symmetric=q.symmetric,
+    model = quant.model.model
+    # the sensitive MatMuls at 8 bits, same kernel family, each in the largest block up to
+    # eight_bit_block_size that divides its rows (8 bits lose nothing measurable to larger blocks)
+    for block, names in _eight_bit_blocks(model, eight, q.eight_bit_block_size or q.block_size).items():
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
+        quant = MatMulNBitsQuantizer(model, bits=8, block_size=block, is_symmetric=True,
                                      accuracy_level=q.accuracy_level, op_types_to_quantize=("MatMul",),
-                                     nodes_to_include=eight, quant_axes=(("MatMul", 0),))
+                                     nodes_to_exclude=others, quant_axes=(("MatMul", 0),))
         quant.process()
-    quant.model.save_model_to_file(str(dst), use_external_data_format=False)
+        model = quant.model.model
+    if tied and not _share_head_weights(model, *tied):  # the head kept float or has zero points: a copy
+        quant = MatMulNBitsQuantizer(model, bits=4, block_size=q.block_size, is_symmetric=q.symmetric,
+                                     accuracy_level=q.accuracy_level, op_types_to_quantize=("Gather",),
+                                     quant_axes=(("Gather", 1),))
+        quant.process()
+        model = quant.model.model
+    onnx.save(model, str(dst))
+
+
+def _eight_bit_blocks(model: Any, names: list[str], largest: int) -> dict[int, list[str]]:
+    """block size -> MatMul names: the largest power of two ≤ ``largest`` (and ≥ 16) dividing the
+    weight's rows K, so no block is padded; ``largest`` where none does."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out: dict[int, list[str]] = {}
+    for node in model.graph.node:
+        if node.name in names and node.input[1] in inits:
+            k = inits[node.input[1]].dims[0]
+            block = next((b for b in (256, 128, 64, 32, 16) if b <= largest and k % b == 0), largest)
+            out.setdefault(block, []).append(node.name)
+    return out
+
+
+def tied_embedding(model: Any) -> tuple[str, str] | None:
+    """(embedding Gather, LM-head MatMul) node names when the head's weight is the embedding table
+    transposed, value for value (tied embeddings exported as two copies), else None."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    tables = {n.input[0]: n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+              and len(inits[n.input[0]].dims) == 2}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
+            continue
+        h, v = inits[node.input[1]].dims
+        for name, gather in tables.items():
+            if list(inits[name].dims) == [v, h] and np.array_equal(numpy_helper.to_array(inits[name]).T,
+                                                                   numpy_helper.to_array(inits[node.input[1]])):
+                return gather.name, node.name
+    return None
+
+
+def _share_head_weights(model: Any, gather_name: str, head_name: str) -> bool:
+    """Make the embedding Gather read the quantized LM head's blocks (``GatherBlockQuantized``, MatMulNBits'
+    layout): the table is stored once. Only the small scales are copied, in the shape the Gather takes.
+    False (nothing changed) when the head is not a symmetric MatMulNBits."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith(head_name)), None)
+    if head is None or (len(head.input) > 3 and head.input[3]):
+        return False
+    gather = nodes[gather_name]
+    inits = {i.name: i for i in graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    hidden, block, bits = attrs["K"], attrs["block_size"], attrs["bits"]
+    blocks = -(-hidden // block)
+    vocab = inits[head.input[1]].dims[0]
+    scales = numpy_helper.to_array(inits[head.input[2]]).reshape(vocab, blocks, 1)
+    out = gather.output[0]
+    extra = [numpy_helper.from_array(scales, f"{head.input[2]}_gather"),
+             numpy_helper.from_array(np.array([0, 0, blocks * block], np.int64), f"{out}_shape")]
+    new = [helper.make_node("GatherBlockQuantized", [head.input[1], gather.input[1], extra[0].name], [f"{out}_blocks"],
+                            name=f"{gather.name}_quantized", domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                            block_size=block, bits=bits),
+           helper.make_node("Reshape", [f"{out}_blocks", extra[1].name],
+                            [out if blocks * block == hidden else f"{out}_padded"], name=f"{gather.name}_reshape")]
+    if blocks * block != hidden:  # the last block is padded: cut the row back to the hidden size
+        extra += [numpy_helper.from_array(np.array(v, np.int64), f"{out}_{k}")
+                  for k, v in (("starts", [0]), ("ends", [hidden]), ("axes", [2]))]
+        new.append(helper.make_node("Slice", [f"{out}_padded", f"{out}_starts", f"{out}_ends", f"{out}_axes"], [out],
+                                    name=f"{gather.name}_slice"))
+    at = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for k, node in enumerate(new):
+        graph.node.insert(at + k, node)
+    if not any(gather.input[0] in n.input for n in graph.node):
+        graph.initializer.remove(inits[gather.input[0]])
+    graph.initializer.extend(extra)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return True
 
 
 def _fp16(src: Path, dst: Path) -> None:

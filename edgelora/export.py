@@ -72,7 +72,8 @@ class ExportResult:
     failures: list[str] = field(default_factory=list)
 
 
-def _file_size(path: Path) -> int:
+def engine_size(path: Path) -> int:
+    """Bytes of a file plus its external-data file (``model.onnx`` + ``model.onnx.data``)."""
     total = path.stat().st_size
     data = path.with_name(path.name + ".data")
     return total + (data.stat().st_size if data.exists() else 0)
@@ -261,7 +262,7 @@ def export(
             }
             rep: dict[str, Any] = {"accuracy": None, "torch_accuracy": None, "max_abs_diff": None, "cosine": None,
                                    "agreement": None, "latency_ms": None, "engine_size_bytes": None,
-                                   "delta_size_bytes": _file_size(out / delta_path(name))}
+                                   "delta_size_bytes": engine_size(out / delta_path(name))}
             if lora_graph is not None and not_swappable is None:  # DoRA / LoRA bias: baked engine only
                 report_step(f"task {name}: unmerged (LoRA branches) check")
                 merge_into_model(p.model, p.plan)
@@ -283,7 +284,7 @@ def export(
                                                threads, latency_runs)
                 rep.update(parity.to_json())
                 rep["latency_ms"] = lat["median_ms"]
-                rep["engine_size_bytes"] = _file_size(out / task_engine_path(name))
+                rep["engine_size_bytes"] = engine_size(out / task_engine_path(name))
                 miss = _within(parity, tol)
                 if name in eval_sets:
                     report_step(f"task {name}: accuracy on {Path(evals[name]).name}")
@@ -326,7 +327,7 @@ def export(
         report = {
             "target": target.name,
             "precision": target.precision,
-            "base": {"fingerprint": base_fp, "size_bytes": _file_size(out / BASE_ENGINE),
+            "base": {"fingerprint": base_fp, "size_bytes": engine_size(out / BASE_ENGINE),
                      "latency_ms": base_latency["median_ms"], **base_parity.to_json(),
                      **({"agreement": None} if headless else {}),
                      "unfused_latency_ms": plain_latency["median_ms"] if plain_latency else None},

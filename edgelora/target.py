@@ -24,6 +24,7 @@ else:  # pragma: no cover - Python 3.10
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_TARGET = "cpu-fp32"
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what ONNX Runtime's MatMulNBits quantizer (MLAS) accepts
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,13 @@ class Quantization:
     symmetric: bool = True
     accuracy_level: int = 4
     quantize_embeddings: bool = True
-    # int4 only: MatMuls whose node name contains one of these stay at 8 bits (MatMulNBits bits=8).
+    # int4 only: MatMuls whose node name contains one of these stay at 8 bits (MatMulNBits bits=8,
+    # symmetric), in blocks of eight_bit_block_size (0: the same as block_size).
     eight_bit_nodes: tuple[str, ...] = ()
+    eight_bit_block_size: int = 0
+    # int4 only: when the embedding table equals the LM head's weight (tied embeddings), store it once:
+    # the embedding Gather reads the head's quantized tensor (GatherBlockQuantized).
+    tie_embeddings: bool = True
 
 
 @dataclass(frozen=True)
@@ -171,8 +177,11 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
          f"[quantization] method = {t.quantization.method!r} needs precision int8 or int4"),
         (t.quantization.weight_type in ("qint8", "quint8"),
          f"[quantization] weight_type = {t.quantization.weight_type!r}; choose qint8 or quint8"),
-        (t.quantization.block_size >= 16 and t.quantization.block_size & (t.quantization.block_size - 1) == 0,
-         f"[quantization] block_size = {t.quantization.block_size}; use a power of two ≥ 16"),
+        (t.quantization.block_size in BLOCK_SIZES,
+         f"[quantization] block_size = {t.quantization.block_size}; choose one of {', '.join(map(str, BLOCK_SIZES))}"),
+        (t.quantization.eight_bit_block_size in (0, *BLOCK_SIZES),
+         f"[quantization] eight_bit_block_size = {t.quantization.eight_bit_block_size}; choose 0 (= block_size) "
+         f"or one of {', '.join(map(str, BLOCK_SIZES))}"),
         (t.quantization.accuracy_level in (0, 1, 2, 3, 4),
          f"[quantization] accuracy_level = {t.quantization.accuracy_level}; choose 0..4"),
         (t.shapes.batch >= 1 and t.shapes.sequence >= 2, "[shapes] batch must be ≥ 1 and sequence ≥ 2"),

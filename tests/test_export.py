@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from edgelora.deploy import read_delta, read_manifest
 from edgelora.runtime import Runtime
+from edgelora.target import load_target
 
 
 def _ids(vocab: int, batch: int = 2, seq: int = 12) -> np.ndarray:
@@ -225,6 +226,52 @@ def test_quantized_engines_stay_within_their_tolerance(precision, family_adapter
             assert np.abs(mine - got).max() <= 1e-4  # same int8 weights as the baked engine, fp32 head
 
 
+def test_int4_stores_tied_embeddings_once(family_adapters, tmp_path, cli):
+    """The bundled cpu-int4 recipe on a tied decoder (qwen2): the embedding Gather reads the 8-bit LM
+    head's blocks (no float or second quantized copy of the table), the rows it returns are the table
+    within 8-bit rounding, and the engines still match peft (export check, runtime on base/lora.onnx)."""
+    base, adapters = family_adapters["qwen2"]
+    bundled = Path(load_target("cpu-int4").source).read_text()
+    # a 32-wide random model has almost flat logits: loose tolerance, same quantization recipe
+    target = tmp_path / "int4.toml"
+    target.write_text(bundled.split("[tolerance]")[0] + "[tolerance]\nmax_abs_diff = 5.0\nmin_cosine = 0.8\n"
+                                                         "min_agreement = 0.3\n")
+    res = cli("export", "--base", base, "--adapter", f"t1={adapters['t1']}", "--target", target,
+              "-o", tmp_path / "o", "-q")
+    assert res.code == 0, res.err
+    manifest = read_manifest(tmp_path / "o")
+    _, merged = peft_reference(base, adapters["t1"], "CAUSAL_LM")
+    table = merged.get_input_embeddings().weight.detach().numpy()
+    for engine in ("base/model.onnx", "base/lora.onnx", manifest["tasks"]["t1"]["engine"]):
+        graph = onnx.load(str(tmp_path / "o" / engine))
+        nodes = {n.op_type: n for n in graph.graph.node}
+        head = next(n for n in graph.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+        gather = nodes["GatherBlockQuantized"]
+        assert gather.input[0] == head.input[1]  # one stored copy
+        assert {a.name: a.i for a in head.attribute}["bits"] == 8
+        assert not [i.name for i in graph.graph.initializer if sorted(i.dims) == sorted(table.shape)]
+        # the rows it gathers: the table within half an 8-bit step of each row's largest value
+        rows_name = gather.output[0].removesuffix("_blocks")  # after the reshape (and the cut of a padded block)
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(rows_name, onnx.TensorProto.FLOAT, None))
+        onnx.save(graph, str(tmp_path / "probe.onnx"))
+        ids = _ids(table.shape[0])
+        sess = ort.InferenceSession(str(tmp_path / "probe.onnx"), providers=["CPUExecutionProvider"])
+        feeds = {i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
+                 for i in sess.get_inputs() if i.name.startswith("past_key_values")}  # (LoRA inputs: defaults)
+        rows = sess.run([rows_name], {"input_ids": ids, "attention_mask": np.ones_like(ids), **feeds})[0]
+        step = np.abs(table[ids]).max(-1, keepdims=True) / 127
+        assert rows.shape == table[ids].shape
+        assert 0 < np.abs(rows - table[ids]).max() and np.all(np.abs(rows - table[ids]) <= step * 0.51 + 1e-7)
+    rt = Runtime.open(tmp_path / "o", threads=1)
+    assert rt.mode == "unmerged"
+    rt.activate("t1")
+    ids = _ids(table.shape[0])
+    with torch.no_grad():
+        ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+    mine = rt.run(input_ids=ids)["logits"]
+    assert float((mine.ravel() @ ref.ravel()) / np.linalg.norm(mine) / np.linalg.norm(ref)) >= 0.8
+
+
 def test_export_is_repeatable_and_forceable(family_adapters, tmp_path, cli):
     base, adapters = family_adapters["qwen2"]
     args = ["export", "--base", base, "--adapter", f"a={adapters['t1']}", "-o", tmp_path / "o", "-q"]
@@ -272,6 +319,8 @@ def test_unknown_target_name(family_adapters, tmp_path, cli):
      '[quantization]\nmethod = "matmul_nbits"\nblock_size = 24\n', "block_size = 24"),
     ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "int4"\nopset = 21\n'
      '[quantization]\nmethod = "matmul_nbits"\neight_bit_nodes = "attn"\n', "must be a list of strings"),
+    ('name = "x"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "int4"\nopset = 21\n'
+     '[quantization]\nmethod = "matmul_nbits"\neight_bit_block_size = 512\n', "eight_bit_block_size = 512"),
     ('name = "x\nbackend', "not valid TOML"),
 ])
 def test_target_file_with_a_wrong_field(text, needle, family_adapters, tmp_path, cli):
@@ -363,7 +412,7 @@ def test_tolerance_miss_fails_with_exit_1_and_leaves_nothing(family_adapters, tm
 
 
 def test_bundled_targets_load_and_are_installed_with_the_package():
-    from edgelora.target import bundled_targets, load_target
+    from edgelora.target import bundled_targets
 
     names = set(bundled_targets())
     assert {"cpu-fp32", "cpu-int8", "cpu-int4", "cuda-fp16"} <= names
