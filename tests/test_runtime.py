@@ -109,6 +109,30 @@ def test_mixed_task_batch_rows_equal_each_tasks_engine(family, exported):
     assert rt.active is None  # a mixed batch does not change the active task
 
 
+def test_mixed_feeds_from_cached_task_feeds_equal_the_stacked_ones():
+    """The runtime joins each task's cached branch feeds (concat_feeds); the result is, bit for bit,
+    what stacked_feeds builds from the deltas: ranks differ, one task lacks a module."""
+    from types import SimpleNamespace
+
+    from edgelora.runtime.lora import concat_feeds, stacked_feeds
+
+    rng = np.random.default_rng(0)
+    dims = {"q": (6, 5), "v": (6, 3)}
+
+    def delta(r, modules):
+        return {m: SimpleNamespace(A=rng.standard_normal((r, dims[m][0]), dtype=np.float32),
+                                   B=rng.standard_normal((dims[m][1], r), dtype=np.float32), scale=0.5 * r)
+                for m in modules}
+
+    tasks = [delta(2, "qv"), delta(4, "q"), delta(1, "qv")]
+    rows = [2, 0, 1, 1, 0]
+    want = stacked_feeds(tasks, dims, rows)
+    got = concat_feeds([stacked_feeds([t], dims) for t in tasks], rows)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
+
+
 def test_ort_adapter_files_run_on_the_lora_graph(exported):
     """Each task's adapter.onnx_adapter, activated with ONNX Runtime's own API, reproduces its engine."""
     dep = exported["llama"]

@@ -52,12 +52,29 @@ def stacked_feeds(tasks: Sequence[Mapping[str, Any]], dims: Mapping[str, tuple[i
                 b[start:start + k, :] = (np.asarray(d.B, np.float32) * np.float32(d.scale)).T
             start += r
         feeds[a_name], feeds[b_name] = a, b
-    if rows is None:
-        feeds[MASK_INPUT] = np.ones((1, 1, total), np.float32)
-    else:
-        mask = np.zeros((len(rows), 1, total), np.float32)
-        starts = np.concatenate([[0], np.cumsum(ranks)]).astype(int)
-        for i, t in enumerate(rows):
-            mask[i, 0, starts[t]:starts[t + 1]] = 1.0
-        feeds[MASK_INPUT] = mask
+    feeds[MASK_INPUT] = _mask(ranks, rows, total)
     return feeds
+
+
+def concat_feeds(task_feeds: Sequence[Mapping[str, np.ndarray]], rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """The mixed-batch feeds ``stacked_feeds(tasks, dims, rows)`` builds, from each task's own feeds
+    (``stacked_feeds([task], dims)``, cached by the runtime): A blocks joined along R (axis 1), B blocks
+    along R (axis 0), no transpose or scaling per call."""
+    ranks = [f[MASK_INPUT].shape[2] for f in task_feeds]
+    feeds: dict[str, np.ndarray] = {}
+    for name in task_feeds[0]:
+        if name != MASK_INPUT:
+            feeds[name] = np.concatenate([f[name] for f in task_feeds], axis=1 if name.endswith(".A") else 0)
+    feeds[MASK_INPUT] = _mask(ranks, rows, sum(ranks))
+    return feeds
+
+
+def _mask(ranks: Sequence[int], rows: Sequence[int] | None, total: int) -> np.ndarray:
+    """(1, 1, R) ones without ``rows``; else (rows, 1, R), one on row i's task block only."""
+    if rows is None:
+        return np.ones((1, 1, total), np.float32)
+    mask = np.zeros((len(rows), 1, total), np.float32)
+    starts = np.concatenate([[0], np.cumsum(ranks)]).astype(int)
+    for i, t in enumerate(rows):
+        mask[i, 0, starts[t]:starts[t + 1]] = 1.0
+    return mask

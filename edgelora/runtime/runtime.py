@@ -33,7 +33,7 @@ from ..deploy import FORMAT_VERSION, MANIFEST
 from ..errors import EdgeloraError
 from .files import mmap_safetensors, read_json
 from .heads import apply_head, unsupported
-from .lora import stacked_feeds
+from .lora import concat_feeds, stacked_feeds
 from .store import AdapterStore, TaskDelta
 from .swap import Location, SwapWeights
 
@@ -120,7 +120,8 @@ class Runtime:
         self._state = _State(None, slot=0 if self._swap else None,
                              feeds=self._base_feeds() if self.mode == "unmerged" else None)
         self._tokenizer: Any = None
-        self._feeds_cache: dict[str, dict[str, np.ndarray]] = {}  # unmerged mode: each task's branch feeds
+        # each task's feeds for base/lora.onnx (unmerged mode, and mixed batches in any mode)
+        self._feeds_cache: dict[str, tuple[Mapping[str, Any], dict[str, np.ndarray]]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -235,11 +236,7 @@ class Runtime:
 
     def _build(self, modules: Mapping[str, Any], name: str | None, head: Mapping[str, np.ndarray] | None) -> _State:
         if self._swap is None:
-            feeds = self._feeds_cache.get(name) if name is not None else None
-            if feeds is None:
-                feeds = stacked_feeds([modules], self._dims) if modules else self._base_feeds()
-                if name is not None:
-                    self._feeds_cache[name] = feeds
+            feeds = self._branch_feeds(name, modules) if name is not None and modules else self._base_feeds()
             return _State(name, feeds=feeds, head=head)
         current = self._state.slot if self._state.slot is not None else 0
         target = 1 - current
@@ -318,6 +315,14 @@ class Runtime:
             return apply_head(state.head, out, feeds["attention_mask"])
         return out
 
+    def _branch_feeds(self, name: str, modules: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The task's feeds for base/lora.onnx, built once per resident task (and per loaded delta: a
+        mixed batch racing a `load` of the same name never caches the old delta's feeds as the new one's)."""
+        cached = self._feeds_cache.get(name)
+        if cached is None or cached[0] is not modules:
+            cached = self._feeds_cache[name] = (modules, stacked_feeds([modules], self._lora_dims or self._dims))
+        return cached[1]
+
     def run(self, text: str | Sequence[str] | None = None, tasks: Sequence[str] | None = None,
             **inputs: Any) -> dict[str, np.ndarray]:
         """Outputs of the active task for ``input_ids``/``attention_mask`` (or ``text``); with ``tasks`` (one
@@ -345,7 +350,7 @@ class Runtime:
         if self.mode == "engines":
             raise EdgeloraError(f"{self.folder}: no base/lora.onnx; mixed-task batches need a target with lora_graph")
         sess = self._lora()
-        extra = stacked_feeds([d.modules for d in deltas], self._lora_dims, [names.index(t) for t in tasks])
+        extra = concat_feeds([self._branch_feeds(d.name, d.modules) for d in deltas], [names.index(t) for t in tasks])
         out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, **extra}), strict=True))
         if not (self.headless and any(d.head for d in deltas)):
             return out
