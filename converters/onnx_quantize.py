@@ -146,7 +146,8 @@ def _share_head_weights(model: Any, gather_name: str, head_name: str) -> bool:
 
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
-    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith(head_name)), None)
+    quantized = {f"{head_name}_Q4", f"{head_name}_Q8"}  # how MatMulNBitsQuantizer names the node it writes
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.name in quantized), None)
     if head is None or (len(head.input) > 3 and head.input[3]):
         return False
     gather = nodes[gather_name]

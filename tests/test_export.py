@@ -272,6 +272,26 @@ def test_int4_stores_tied_embeddings_once(family_adapters, tmp_path, cli):
     assert float((mine.ravel() @ ref.ravel()) / np.linalg.norm(mine) / np.linalg.norm(ref)) >= 0.8
 
 
+def test_int4_tied_embeddings_with_an_asymmetric_head_keep_their_own_copy(family_adapters, tmp_path, cli):
+    """A 4-bit asymmetric LM head has zero points the shared Gather does not take: the embedding is then
+    quantized on its own (GatherBlockQuantized over its own table), and the engine still checks out."""
+    base, adapters = family_adapters["qwen2"]
+    target = tmp_path / "int4-asym.toml"
+    target.write_text('name = "asym"\nbackend = "onnxruntime"\nprovider = "CPUExecutionProvider"\nprecision = "int4"\n'
+                      'opset = 21\n[quantization]\nmethod = "matmul_nbits"\nblock_size = 16\nsymmetric = false\n'
+                      'eight_bit_nodes = ["/self_attn/"]\n[tolerance]\nmax_abs_diff = 5.0\nmin_cosine = 0.8\n'
+                      'min_agreement = 0.3\n')
+    res = cli("export", "--base", base, "--adapter", f"t1={adapters['t1']}", "--target", target,
+              "-o", tmp_path / "o", "-q")
+    assert res.code == 0, res.err
+    graph = onnx.load(str(tmp_path / "o" / "base/model.onnx"))
+    head = next(n for n in graph.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    gather = next(n for n in graph.graph.node if n.op_type == "GatherBlockQuantized")
+    assert len(head.input) > 3 and gather.input[0] != head.input[1]
+    assert not [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                and 32 in i.dims and max(i.dims) > 32]  # no float table or head left
+
+
 def test_export_is_repeatable_and_forceable(family_adapters, tmp_path, cli):
     base, adapters = family_adapters["qwen2"]
     args = ["export", "--base", base, "--adapter", f"a={adapters['t1']}", "-o", tmp_path / "o", "-q"]
