@@ -21,6 +21,7 @@ from edgelora.runtime.lora import MASK_INPUT, lora_input_names, stacked_feeds
 from .onnx_names import NameMapError, WeightLocation
 
 _ROWS, _RANK, _MINUS_ONE = "lora.const.rows_axis", "lora.const.rank_axis", "lora.const.minus_one"
+_VIEW = "lora.view_shape"
 
 
 def add_lora_branches(model: Any, locations: Mapping[str, WeightLocation]) -> dict[str, tuple[str, str]]:
@@ -31,9 +32,8 @@ def add_lora_branches(model: Any, locations: Mapping[str, WeightLocation]) -> di
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    ranks = _ranks(model)
     graph.input.append(helper.make_tensor_value_info(MASK_INPUT, TensorProto.FLOAT, ["mask_rows", 1, "rank"]))
-    for name, value in ((_ROWS, 0), (_RANK, 2), (_MINUS_ONE, -1)):
-        graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
 
     new_nodes: dict[str, list[Any]] = {}  # output of the original MatMul -> nodes to insert after it
     inputs: dict[str, tuple[str, str]] = {}
@@ -52,34 +52,72 @@ def add_lora_branches(model: Any, locations: Mapping[str, WeightLocation]) -> di
         base_out = f"{y}/lora_base"
         n = f"{y}/lora"
         mm.output[0] = base_out
-        # x may be (batch, seq, in) or, under a Gemm, (batch·seq, in): view x@A as (mask rows, -1, R)
-        # so the per-row mask broadcasts, then back to its own shape.
+        xa = helper.make_node("MatMul", [x, a_name], [f"{n}_xa"], name=f"{mm.name}/lora_A")
+        if mm.op_type == "MatMul" and ranks.get(x) == 3:
+            # x is (batch, seq, in): the (rows, 1, R) mask broadcasts over x @ A (batch, seq, R) as it is
+            masked = [helper.make_node("Mul", [f"{n}_xa", MASK_INPUT], [f"{n}_masked"], name=f"{mm.name}/lora_mask")]
+        else:
+            # x may be (batch·seq, in) (under a Gemm, or of unknown rank): view x @ A as (mask rows, -1, R)
+            # so the per-row mask broadcasts, then back to its own shape
+            masked = [
+                helper.make_node("Shape", [f"{n}_xa"], [f"{n}_xa_shape"], name=f"{mm.name}/lora_shape"),
+                helper.make_node("Reshape", [f"{n}_xa", _view_shape(graph)], [f"{n}_xa3"], name=f"{mm.name}/lora_view"),
+                helper.make_node("Mul", [f"{n}_xa3", MASK_INPUT], [f"{n}_masked3"], name=f"{mm.name}/lora_mask"),
+                helper.make_node("Reshape", [f"{n}_masked3", f"{n}_xa_shape"], [f"{n}_masked"],
+                                 name=f"{mm.name}/lora_unview"),
+            ]
         new_nodes[base_out] = [
-            helper.make_node("MatMul", [x, a_name], [f"{n}_xa"], name=f"{mm.name}/lora_A"),
-            helper.make_node("Shape", [f"{n}_xa"], [f"{n}_xa_shape"], name=f"{mm.name}/lora_shape"),
-            helper.make_node("Shape", [MASK_INPUT], [f"{n}_mask_shape"], name=f"{mm.name}/lora_mask_shape"),
-            helper.make_node("Gather", [f"{n}_mask_shape", _ROWS], [f"{n}_rows"], axis=0,
-                             name=f"{mm.name}/lora_rows"),
-            helper.make_node("Gather", [f"{n}_mask_shape", _RANK], [f"{n}_rank"], axis=0,
-                             name=f"{mm.name}/lora_rank"),
-            helper.make_node("Concat", [f"{n}_rows", _MINUS_ONE, f"{n}_rank"], [f"{n}_view"], axis=0,
-                             name=f"{mm.name}/lora_view_shape"),
-            helper.make_node("Reshape", [f"{n}_xa", f"{n}_view"], [f"{n}_xa3"], name=f"{mm.name}/lora_view"),
-            helper.make_node("Mul", [f"{n}_xa3", MASK_INPUT], [f"{n}_masked3"], name=f"{mm.name}/lora_mask"),
-            helper.make_node("Reshape", [f"{n}_masked3", f"{n}_xa_shape"], [f"{n}_masked"],
-                             name=f"{mm.name}/lora_unview"),
+            xa, *masked,
             helper.make_node("MatMul", [f"{n}_masked", b_name], [f"{n}_xab"], name=f"{mm.name}/lora_B"),
             helper.make_node("Add", [base_out, f"{n}_xab"], [y], name=f"{mm.name}/lora_add"),
         ]
         inputs[module] = (a_name, b_name)
-    ordered = []
+    ordered = [n for n in graph.node if n.name.startswith("lora/")]  # the shared view shape (mask input only)
     for node in graph.node:  # keep the node list topologically sorted
+        if node.name.startswith("lora/"):
+            continue
         ordered.append(node)
         for out in node.output:
             ordered.extend(new_nodes.get(out, []))
     del graph.node[:]
     graph.node.extend(ordered)
     return inputs
+
+
+def _view_shape(graph: Any) -> str:
+    """The (mask rows, -1, R) shape, computed once from the mask for every branch that needs it."""
+    from onnx import TensorProto, helper
+
+    if not any(n.name == "lora/lora_view_shape" for n in graph.node):
+        for name, value in ((_ROWS, 0), (_RANK, 2), (_MINUS_ONE, -1)):
+            graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+        graph.node.extend([
+            helper.make_node("Shape", [MASK_INPUT], ["lora.mask_shape"], name="lora/lora_mask_shape"),
+            helper.make_node("Gather", ["lora.mask_shape", _ROWS], ["lora.rows"], axis=0, name="lora/lora_rows"),
+            helper.make_node("Gather", ["lora.mask_shape", _RANK], ["lora.rank"], axis=0, name="lora/lora_rank"),
+            helper.make_node("Concat", ["lora.rows", _MINUS_ONE, "lora.rank"], [_VIEW], axis=0,
+                             name="lora/lora_view_shape"),
+        ])
+    return _VIEW
+
+
+def _ranks(model: Any) -> dict[str, int]:
+    """Rank of every tensor ONNX shape inference can tell (weights left out: only their dims matter)."""
+    import onnx
+
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    graph = skeleton.graph  # the graph without the weights' bytes: shape inference needs their dims only
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.initializer.extend(onnx.TensorProto(name=i.name, dims=i.dims, data_type=i.data_type)
+                             for i in model.graph.initializer)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton).graph
+    except Exception:  # an op ONNX cannot type (com.microsoft): every branch takes the general path
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.value_info, *inferred.input)
+            if v.type.tensor_type.HasField("shape")}
 
 
 def remove_lora_branches(model: Any) -> None:
