@@ -107,12 +107,14 @@ def _int4(src: Path, dst: Path, q: Any, exclude: tuple[str, ...] = ()) -> None:
 def _eight_bit_blocks(model: Any, names: list[str], largest: int) -> dict[int, list[str]]:
     """block size -> MatMul names: the largest power of two ≤ ``largest`` (and ≥ 16) dividing the
     weight's rows K, so no block is padded; ``largest`` where none does."""
+    from edgelora.target import BLOCK_SIZES
+
     inits = {i.name: i for i in model.graph.initializer}
     out: dict[int, list[str]] = {}
     for node in model.graph.node:
         if node.name in names and node.input[1] in inits:
             k = inits[node.input[1]].dims[0]
-            block = next((b for b in (256, 128, 64, 32, 16) if b <= largest and k % b == 0), largest)
+            block = next((b for b in sorted(BLOCK_SIZES, reverse=True) if b <= largest and k % b == 0), largest)
             out.setdefault(block, []).append(node.name)
     return out
 
