@@ -4,13 +4,18 @@ The on-device runtime swaps tasks by rebuilding ``W0 + s·B·A`` into buffers it
 to this graph (``base/swap.onnx``). Why inputs and not user-owned initializers: ONNX Runtime prepacks
 constant MatMul weights at session start and never looks at the original buffer again, so in-place
 edits are invisible; turning prepacking off for the whole session costs ~1.17x on W1, while feeding
-only the LoRA-target weights costs only their own packing (~1.03-1.05x on W1 encoders, ~1.1x at a
-decode step). See ``benchmarks/README.md`` for the measurements.
+only the LoRA-target weights costs only their own packing (~1.03-1.05x on W1 encoders; at a W2 decode
+step ~1.1x as (in, out) weights, ~1.05x as (out, in), below). See ``benchmarks/README.md``.
 
 Each targeted initializer is fed in the base engine's precision, by a recipe the runtime applies
 after the fp32 merge (the runtime never imports onnx, so everything it needs is in the manifest):
 
-- ``float32`` / ``float16``: ``W0 + ΔW`` (cast);
+- ``float32`` / ``float16``: ``W0 + ΔW`` (cast). With ``out_in`` (fp32 targets), a float32 weight whose
+  every consumer is a MatMul (or Gemm) reading it as ``B`` is fed as (out, in) instead, its consumers
+  reading it transposed (``FusedMatMul``/``Gemm`` with ``transB``): at a decode step (one row) ONNX
+  Runtime reads an unpacked (out, in) weight as row dot products, which measured W2's fed-weight tax
+  at 1.02-1.06x of the baked engine against 1.08-1.14x for the (in, out) weights MatMul takes; at 128
+  rows (W1) the two layouts run alike. The exporter then merges in that layout (``merge.delta``);
 - ``int8``: ONNX Runtime's dynamic-quantization recipe, per output column, symmetric:
   ``scale = max|w| / 127``, ``q = clip(rint(w / scale), -127, 127)``, zero point 0. The exporter
   checks here that this recipe reproduces the quantizer's own int8 W0 bit for bit; if it does
@@ -19,7 +24,7 @@ after the fp32 merge (the runtime never imports onnx, so everything it needs is 
 Other encodings (int4 ``MatMulNBits`` blocks) are not rebuilt on the device: a swap would need the
 quantizer's block search; those targets run tasks unmerged on ``base/lora.onnx`` instead.
 
-API: ``make_swap_graph(engine, dst, fp32_weights, locations) -> (manifest entry | None, reason | None)``.
+API: ``make_swap_graph(engine, dst, fp32_weights, locations, out_in) -> (SwapGraph | None, reason | None)``.
 ``engine`` is loaded without its external data and ``dst`` written beside it, so the swap graph points
 into the same data file (no second copy of the weights on disk): the base engine's, or for fp32 the
 unfused graph's (``base/lora.onnx.data``, see ``edgelora.export._swap_graph``).
@@ -28,6 +33,7 @@ unfused graph's (``base/lora.onnx.data``, see ``edgelora.export._swap_graph``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +44,43 @@ from edgelora.runtime.swap import int8_per_column
 from .onnx_names import WeightLocation
 
 
+@dataclass
+class SwapGraph:
+    """What ``make_swap_graph`` wrote: the manifest's ``weights`` entry, each fed weight's fp32 W0 in the
+    layout it is fed in (for ``base/swap_w0.safetensors``) and the modules' locations in those weights."""
+
+    weights: dict[str, Any]
+    w0: dict[str, np.ndarray]
+    locations: dict[str, WeightLocation]
+
+
 def make_swap_graph(engine: Path, dst: Path, fp32_weights: Mapping[str, np.ndarray],
-                    locations: Mapping[str, WeightLocation]) -> tuple[dict[str, Any] | None, str | None]:
+                    locations: Mapping[str, WeightLocation], out_in: bool = False
+                    ) -> tuple[SwapGraph | None, str | None]:
     """Write ``dst`` beside ``engine`` (same folder, same external data) with the initializers that hold
     LoRA targets as inputs. ``fp32_weights``: those initializers from the fp32 graph the name map was
-    built on. Returns the manifest's ``swap`` entry, or ``(None, reason)`` when a weight cannot be fed."""
+    built on; ``out_in``: feed float32 MatMul/Gemm weights as (out, in). Returns ``(None, reason)`` when
+    a weight cannot be fed."""
     import onnx
     from onnx import TensorProto, helper
 
     model = onnx.load(str(engine), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
     weights: dict[str, Any] = {}
+    w0s: dict[str, np.ndarray] = {}
+    locs = dict(locations)
+    flip: set[str] = set()
     for name in sorted({loc.initializer for loc in locations.values()}):
         w0 = fp32_weights[name]
         transposed = {loc.transposed for loc in locations.values() if loc.initializer == name}
         if name in inits and inits[name].data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
             recipe = "float32" if inits[name].data_type == TensorProto.FLOAT else "float16"
+            if out_in and recipe == "float32" and transposed == {True} and _reads_as_b(model, name):
+                flip.add(name)
+                w0 = np.ascontiguousarray(w0.T)
+                for m, loc in locations.items():
+                    if loc.initializer == name:
+                        locs[m] = WeightLocation(name, w0.shape, False, loc.slice)
             weights[name] = {"recipe": recipe, "inputs": {"weight": name}, "shape": list(w0.shape)}
         elif f"{name}_quantized" in inits and f"{name}_scale" in inits:
             q_init, s_init = inits[f"{name}_quantized"], inits[f"{name}_scale"]
@@ -71,15 +98,59 @@ def make_swap_graph(engine: Path, dst: Path, fp32_weights: Mapping[str, np.ndarr
         else:
             return None, (f"{name}: stored as {_encoding(inits, name)}, which the runtime does not rebuild; "
                           "tasks run unmerged on base/lora.onnx")
+        w0s[name] = w0
+    if flip:
+        _read_transposed(model, flip)
     fed = {n for w in weights.values() for n in w["inputs"].values()}
     keep = [i for i in model.graph.initializer if i.name not in fed]
     for name in sorted(fed):
         init = inits[name]
-        model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+        dims = list(reversed(init.dims)) if name in flip else list(init.dims)
+        model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, dims))
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     onnx.save(model, str(dst))
-    return {"weights": weights}, None
+    return SwapGraph(weights, w0s, locs), None
+
+
+def _reads_as_b(model: Any, name: str) -> bool:
+    """Every consumer of ``name`` is a MatMul or a Gemm (no transA, transB unset) reading it as ``B`` only."""
+    users = [n for n in model.graph.node if name in n.input]
+    if not users or any(o.name == name for o in model.graph.output):
+        return False
+    for node in users:
+        if list(node.input).count(name) != 1 or len(node.input) < 2 or node.input[1] != name:
+            return False
+        ints = {a.name: a.i for a in node.attribute if a.type == a.INT}
+        if node.op_type == "Gemm" and not (ints.get("transA", 0) == 0 and ints.get("transB", 0) == 0):
+            return False
+        if node.op_type not in ("MatMul", "Gemm"):
+            return False
+    return True
+
+
+def _read_transposed(model: Any, names: set[str]) -> None:
+    """Rewire the consumers of ``names`` (now fed (out, in)) to read them transposed: MatMul becomes
+    ONNX Runtime's ``FusedMatMul`` with ``transB = 1`` (same product, N-D inputs), Gemm gets ``transB = 1``."""
+    from onnx import helper
+
+    nodes = []
+    for node in model.graph.node:
+        if len(node.input) > 1 and node.input[1] in names:
+            if node.op_type == "MatMul":
+                node = helper.make_node("FusedMatMul", list(node.input), list(node.output), name=node.name,
+                                        domain="com.microsoft", transB=1)
+            else:  # Gemm (checked by _reads_as_b)
+                for a in node.attribute:
+                    if a.name == "transB":
+                        node.attribute.remove(a)
+                        break
+                node.attribute.append(helper.make_attribute("transB", 1))
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _array(init: Any, engine: Path) -> np.ndarray:

@@ -231,6 +231,8 @@ def export(
         lora_graph = _lora_graph(work, out, w0, target) if target.lora_graph else None
         report_step("writing the swap graph for the on-device runtime")
         swap, swap_reason = _swap_graph(out, work, target, fused_inits, name_map, lora_graph)
+        # merge each weight in the layout the swap graph feeds it: a swap then rebuilds it bit for bit
+        layouts = {m: "in_out" if loc["transposed"] else "out_in" for m, loc in (swap or {}).get("modules", {}).items()}
         plain_latency = None
         if fused and target.precision == "fp32":
             plain_latency = _latency_only(work / "base.raw.onnx", spec, target, base_model, threads, latency_runs)
@@ -265,7 +267,7 @@ def export(
                                    "delta_size_bytes": engine_size(out / delta_path(name))}
             if lora_graph is not None and not_swappable is None:  # DoRA / LoRA bias: baked engine only
                 report_step(f"task {name}: unmerged (LoRA branches) check")
-                merge_into_model(p.model, p.plan)
+                merge_into_model(p.model, p.plan, layouts)
                 parity = _verify_lora_graph(out, lora_graph, modules, p.model, spec, target, headless, threads)
                 rep["unmerged_max_abs_diff"], rep["unmerged_cosine"] = parity.max_abs_diff, parity.cosine
                 miss = [m for m in _within(parity, tol) if not headless or m.startswith("cosine")]
@@ -273,7 +275,7 @@ def export(
                     failures.append(f"{name} (LoRA branches): {'; '.join(miss)}")
             if target.bake_task_engines:
                 report_step(f"task {name}: merge + engine")
-                merge_into_model(p.model, p.plan)
+                merge_into_model(p.model, p.plan, layouts)
                 engine, _, task_spec, _ = _build_engine(p.model, task, False, target, work, f"task-{name}", family)
                 (out / task_engine_path(name)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(engine, out / task_engine_path(name))
@@ -386,7 +388,7 @@ def _swap_graph(out: Path, work: Path, target: Target, fused_inits: Mapping[str,
         remove_lora_branches(model)
         onnx.save(model, str(unfused))  # its tensors still point into lora.onnx.data
         try:
-            swap, reason = make_swap_graph(unfused, out / SWAP_ENGINE, fp32, locations)
+            swap, reason = make_swap_graph(unfused, out / SWAP_ENGINE, fp32, locations, out_in=True)
         finally:
             unfused.unlink()
         graph = "unfused"
@@ -397,9 +399,9 @@ def _swap_graph(out: Path, work: Path, target: Target, fused_inits: Mapping[str,
         graph = "base engine"
     if swap is None:
         return None, reason
-    save_float32_safetensors(fp32, out / SWAP_W0, {"format": str(FORMAT_VERSION)})
+    save_float32_safetensors(swap.w0, out / SWAP_W0, {"format": str(FORMAT_VERSION)})
     return {"engine": SWAP_ENGINE, "w0": SWAP_W0, "graph": graph,
-            "modules": {m: loc.to_json() for m, loc in sorted(locations.items())}, **swap}, None
+            "modules": {m: loc.to_json() for m, loc in sorted(swap.locations.items())}, "weights": swap.weights}, None
 
 
 def _check_runtime(out: Path, manifest: Mapping[str, Any], target: Target, threads: int) -> dict[str, float]:

@@ -18,17 +18,22 @@ from .errors import EdgeloraError, EdgeloraWarning
 from .validate import MergePlan, MergeTarget
 
 
-def delta(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+def delta(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool = False,
+          layout: str = "in_out") -> torch.Tensor:
     """``ΔW = scale · B @ A`` in fp32: A (r, in), B (out, r) -> (out, in), or (in, out) if fan_in_fan_out.
 
-    Computed by the on-device runtime's own function (numpy, (in, out) layout), so the weights baked
-    into an engine and the weights the runtime rebuilds on a swap are the same bits."""
-    from .runtime.swap import lora_delta_in_out
+    Computed by the on-device runtime's own functions (numpy), in ``layout`` ("in_out" or "out_in"): the
+    layout the deployment's swap graph feeds the weight in, so the weights baked into an engine and the
+    weights the runtime rebuilds on a swap are the same bits (the layouts' products differ in the last bit)."""
+    from .runtime.swap import LAYOUTS
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     a = A.detach().to("cpu", torch.float32).numpy()
     b = B.detach().to("cpu", torch.float32).numpy()
-    dw_t = torch.from_numpy(lora_delta_in_out(a, b, float(scale)))  # (in, out)
-    dw = dw_t if fan_in_fan_out else dw_t.T
+    dw = torch.from_numpy(LAYOUTS[layout](a, b, float(scale)))
+    if (layout == "in_out") != fan_in_fan_out:
+        dw = dw.T
     if not bool(torch.isfinite(dw).all()):
         raise EdgeloraError("ΔW = s·B·A overflows to Inf/NaN in fp32; the adapter is broken, retrain it")
     return dw
@@ -45,10 +50,10 @@ def dora_weight(
     return W * (factor.view(1, -1) if fan_in_fan_out else factor.view(-1, 1))
 
 
-def merged_weight(W0: torch.Tensor, target: MergeTarget) -> torch.Tensor:
+def merged_weight(W0: torch.Tensor, target: MergeTarget, layout: str = "in_out") -> torch.Tensor:
     """The new value of ``target``'s weight, computed in fp32 and cast back to ``W0``'s dtype."""
     lora = target.lora
-    dW = delta(lora.A, lora.B, lora.scale, target.fan_in_fan_out)
+    dW = delta(lora.A, lora.B, lora.scale, target.fan_in_fan_out, layout)
     if lora.magnitude is not None:
         W = dora_weight(W0, dW, lora.magnitude, target.fan_in_fan_out)
     else:
@@ -63,13 +68,15 @@ def merged_bias(b0: torch.Tensor, target: MergeTarget) -> torch.Tensor:
     return (b0.to(torch.float32) + target.lora.bias.to(torch.float32) * target.lora.scale).to(b0.dtype)
 
 
-def _new_values(get: Mapping[str, torch.Tensor], plan: MergePlan) -> dict[str, torch.Tensor]:
+def _new_values(get: Mapping[str, torch.Tensor], plan: MergePlan, layout: str | Mapping[str, str] = "in_out"
+                ) -> dict[str, torch.Tensor]:
     """key -> merged value for every key the plan writes (read-only over ``get``)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in plan.replacements.items():
         out[key] = value.detach().to(get[key].dtype).clone()
     for t in plan.targets:
-        out[t.weight_key] = merged_weight(get[t.weight_key].detach(), t)
+        lay = layout if isinstance(layout, str) else layout.get(t.module, "in_out")
+        out[t.weight_key] = merged_weight(get[t.weight_key].detach(), t, lay)
         if t.bias_key is not None:
             out[t.bias_key] = merged_bias(get[t.bias_key].detach(), t)
     return out
@@ -116,8 +123,10 @@ def _tied_partners(params: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def merge_into_model(model: torch.nn.Module, plan: MergePlan) -> None:
+def merge_into_model(model: torch.nn.Module, plan: MergePlan, layout: str | Mapping[str, str] = "in_out") -> None:
     """Fold the adapter into ``model``'s weights in place (fp32 math), remembering the originals.
+    ``layout``: how ΔW's product is computed (see :func:`delta`), for all modules or per module name
+    (others: "in_out"); the exporter passes the layout its swap graph feeds each weight in.
 
     Merging the adapter that is already merged does nothing; merging another is an error. A merged
     weight that is tied to another module (LoRA on GPT-2's ``wte``, tied to ``lm_head``) is untied:
@@ -133,7 +142,7 @@ def merge_into_model(model: torch.nn.Module, plan: MergePlan) -> None:
         )
     params = model.state_dict(keep_vars=True)
     tied = _tied_partners(params)
-    new = _new_values(params, plan)
+    new = _new_values(params, plan, layout)
     state = MergeState(plan.adapter_hash)
     for key, value in new.items():
         param = params[key]

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import FAMILIES, REPO, peft_reference
+from conftest import FAMILIES, REPO, make_peft_adapter, peft_reference
 
 from edgelora.deploy import read_manifest
 from edgelora.runtime import DeltaError, Runtime
@@ -70,6 +70,43 @@ def test_activate_gives_each_baked_engines_outputs(family, exported):
             assert np.abs(out[base_key] - base[base_key]).max() <= 1e-5
         else:
             assert np.abs(out[key] - baked[task]).max() <= 1e-5, (family, task)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_swap_rebuilds_the_baked_engines_weights_bit_for_bit(family, tiny_dir, tmp_path):
+    """fp32 swap graphs feed their weights (out, in), read transposed (FusedMatMul / Gemm transB), and the
+    exporter merges each weight in that layout: every weight the runtime rebuilds is, bit for bit, a
+    weight of the task's baked engine (found by exact content among the engine's initializers). Rank 8:
+    from rank 8 on, the (in, out) and (out, in) products differ in the last bit, so a merge in the other
+    layout fails here."""
+    import onnx
+    from edgelora.converters.onnx_names import WeightLocation, build_name_map
+
+    from edgelora.cli import main
+    from edgelora.deploy import read_delta
+    from edgelora.runtime.files import mmap_safetensors
+    from edgelora.runtime.swap import Location, SwapWeights
+
+    task_type, kw, labels = FAMILIES[family]
+    kw = {k: v for k, v in kw.items() if k != "rank_pattern"} | {"r": 8}
+    adapter = make_peft_adapter(tiny_dir(family), tmp_path / "a", seed=5, num_labels=labels, task_type=task_type, **kw)
+    dep = tmp_path / "dep"
+    main(["export", "--base", str(tiny_dir(family)), "--adapter", f"t={adapter}", "--target", "cpu-fp32",
+          "-o", str(dep), "-q"])
+    manifest = read_manifest(dep)
+    swap = manifest["swap"]
+    graph = onnx.load(str(dep / swap["engine"]), load_external_data=False).graph
+    readers = [n for n in graph.node if len(n.input) > 1 and n.input[1] in swap["weights"]]
+    assert readers and all(n.op_type in ("FusedMatMul", "Gemm") and {a.name: a.i for a in n.attribute}["transB"] == 1
+                           for n in readers), family
+    w0, _ = mmap_safetensors(dep / swap["w0"])
+    weights = SwapWeights(swap, w0, {m: Location.from_json(d) for m, d in swap["modules"].items()}, threads=2)
+    modules, _ = read_delta(dep / manifest["tasks"]["t"]["delta"])
+    weights.build(weights.slots[0], modules)
+    rebuilt = {m: WeightLocation.from_json(d).read(weights.slots[0].arrays[d["initializer"]])
+               for m, d in swap["modules"].items()}
+    baked = onnx.load(str(dep / manifest["tasks"]["t"]["engine"]))
+    assert set(build_name_map(baked, rebuilt)) == set(rebuilt)  # raises where a weight has no exact match
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

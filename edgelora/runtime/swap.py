@@ -6,7 +6,9 @@ then flips. A slot remembers which weights differ from ``W0``, so a rebuild touc
 the new task's: never by subtracting the old task, always ``W0`` + the new delta. The delta of a whole
 weight (every LoRA slice of a packed q/k/v weight at once, zeros elsewhere) is one GEMM into a scratch
 buffer, then one contiguous ``np.add(W0, ΔW, out=buffer)``: contiguous passes run at memory speed,
-where numpy over strided slices measured 2-3x slower.
+where numpy over strided slices measured 2-3x slower. The GEMM is computed in the layout the weight is
+fed in (``Location.transposed``: (in, out), else (out, in), which fp32 swap graphs use), the layout the
+exporter merged that weight in, so a rebuilt weight is the baked engine's bit for bit.
 
 Recipes (per weight, from the manifest): ``float32``; ``float16`` (cast); ``int8`` (ONNX Runtime's
 per-column symmetric dynamic-quantization recipe, re-applied to the touched columns only — per-column
@@ -37,14 +39,26 @@ def int8_per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lora_delta_in_out(A: np.ndarray, B: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
-    """``ΔWᵀ = Aᵀ @ (s·B)ᵀ`` as (in, out), fp32: the one definition of the LoRA delta's arithmetic.
+    """``ΔWᵀ = Aᵀ @ (s·B)ᵀ`` as (in, out), fp32: the delta of a weight the device stores (in, out).
 
-    The exporter merges with this same function (``edgelora.merge.delta``), so a weight the runtime
-    rebuilds is bit for bit the weight baked into the task engine (and int8 re-quantization of it
-    gives the baked engine's int8 values)."""
+    One definition per layout, shared with the exporter (``edgelora.merge.delta`` merges in the layout
+    the target's swap graph feeds), so a weight the runtime rebuilds is bit for bit the weight baked into
+    the task engine (and int8 re-quantization of it gives the baked engine's int8 values). The two
+    layouts' products differ in the last bit (BLAS orders the sums differently), hence two functions."""
     A = np.asarray(A, np.float32)
     sB = np.asarray(B, np.float32) * np.float32(scale)  # scale the small (out, r) factor, not the (in, out) product
     return np.matmul(A.T, sB.T, out=out)
+
+
+def lora_delta_out_in(A: np.ndarray, B: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``ΔW = (s·B) @ A`` as (out, in), fp32: the delta of a weight the device stores (out, in) (fp32 swap
+    graphs feed their weights so: a decode step reads them faster, see ``converters/onnx_swap.py``)."""
+    A = np.asarray(A, np.float32)
+    sB = np.asarray(B, np.float32) * np.float32(scale)
+    return np.matmul(sB, A, out=out)
+
+
+LAYOUTS = {"in_out": lora_delta_in_out, "out_in": lora_delta_out_in}
 
 
 def single_threaded_blas() -> bool:
@@ -245,8 +259,8 @@ class SwapWeights:
             lo, hi = loc.slice or (0, axis_len)
             if loc.transposed:  # W (in, out): ΔW[:, lo:hi] = (Aᵀ (in, r) @ Bᵀ (r, out)) · s
                 lora_delta_in_out(d.A, d.B, d.scale, out=out[:, lo:hi])
-            else:  # W (out, in): its slice, transposed
-                lora_delta_in_out(d.A, d.B, d.scale, out=out[lo:hi, :].T)
+            else:  # W (out, in): ΔW[lo:hi, :] = (s·B (out, r)) @ A (r, in)
+                lora_delta_out_in(d.A, d.B, d.scale, out=out[lo:hi, :])
             covered[lo:hi] = True
         if not covered.all():
             gaps = np.flatnonzero(~covered)
