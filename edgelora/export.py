@@ -53,6 +53,7 @@ from .fsutil import atomic_output_dir, check_output_dir
 from .merge import merge_into_model
 from .merged_model import copy_tokenizer
 from .prepare import Prepared, prepare
+from .runtime.swap import Location
 from .target import Target
 
 EXAMPLE_ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "examples" / "adapters"
@@ -232,7 +233,7 @@ def export(
         report_step("writing the swap graph for the on-device runtime")
         swap, swap_reason = _swap_graph(out, work, target, fused_inits, name_map, lora_graph)
         # merge each weight in the layout the swap graph feeds it: a swap then rebuilds it bit for bit
-        layouts = {m: "in_out" if loc["transposed"] else "out_in" for m, loc in (swap or {}).get("modules", {}).items()}
+        layouts = {m: Location.from_json(loc).layout for m, loc in (swap or {}).get("modules", {}).items()}
         plain_latency = None
         if fused and target.precision == "fp32":
             plain_latency = _latency_only(work / "base.raw.onnx", spec, target, base_model, threads, latency_runs)

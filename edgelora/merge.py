@@ -68,15 +68,15 @@ def merged_bias(b0: torch.Tensor, target: MergeTarget) -> torch.Tensor:
     return (b0.to(torch.float32) + target.lora.bias.to(torch.float32) * target.lora.scale).to(b0.dtype)
 
 
-def _new_values(get: Mapping[str, torch.Tensor], plan: MergePlan, layout: str | Mapping[str, str] = "in_out"
+def _new_values(get: Mapping[str, torch.Tensor], plan: MergePlan, layouts: Mapping[str, str] | None = None
                 ) -> dict[str, torch.Tensor]:
     """key -> merged value for every key the plan writes (read-only over ``get``)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in plan.replacements.items():
         out[key] = value.detach().to(get[key].dtype).clone()
     for t in plan.targets:
-        lay = layout if isinstance(layout, str) else layout.get(t.module, "in_out")
-        out[t.weight_key] = merged_weight(get[t.weight_key].detach(), t, lay)
+        layout = (layouts or {}).get(t.module, "in_out")
+        out[t.weight_key] = merged_weight(get[t.weight_key].detach(), t, layout)
         if t.bias_key is not None:
             out[t.bias_key] = merged_bias(get[t.bias_key].detach(), t)
     return out
@@ -123,10 +123,10 @@ def _tied_partners(params: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def merge_into_model(model: torch.nn.Module, plan: MergePlan, layout: str | Mapping[str, str] = "in_out") -> None:
+def merge_into_model(model: torch.nn.Module, plan: MergePlan, layouts: Mapping[str, str] | None = None) -> None:
     """Fold the adapter into ``model``'s weights in place (fp32 math), remembering the originals.
-    ``layout``: how ΔW's product is computed (see :func:`delta`), for all modules or per module name
-    (others: "in_out"); the exporter passes the layout its swap graph feeds each weight in.
+    ``layouts``: module -> how its ΔW's product is computed (see :func:`delta`; others "in_out"); the
+    exporter passes the layout its swap graph feeds each weight in.
 
     Merging the adapter that is already merged does nothing; merging another is an error. A merged
     weight that is tied to another module (LoRA on GPT-2's ``wte``, tied to ``lm_head``) is untied:
@@ -142,7 +142,7 @@ def merge_into_model(model: torch.nn.Module, plan: MergePlan, layout: str | Mapp
         )
     params = model.state_dict(keep_vars=True)
     tied = _tied_partners(params)
-    new = _new_values(params, plan, layout)
+    new = _new_values(params, plan, layouts)
     state = MergeState(plan.adapter_hash)
     for key, value in new.items():
         param = params[key]

@@ -112,6 +112,11 @@ class Location:
     def from_json(cls, d: Mapping[str, Any]) -> Location:
         return cls(str(d["initializer"]), bool(d["transposed"]), tuple(d["slice"]) if d.get("slice") else None)
 
+    @property
+    def layout(self) -> str:
+        """The ``LAYOUTS`` key ΔW is computed in for this weight (the exporter merges it the same way)."""
+        return "in_out" if self.transposed else "out_in"
+
     def dims(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """(in, out) of the layer."""
         rows, cols = shape
