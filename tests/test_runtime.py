@@ -109,6 +109,24 @@ def test_a_swap_rebuilds_the_baked_engines_weights_bit_for_bit(family, tiny_dir,
     assert set(build_name_map(baked, rebuilt)) == set(rebuilt)  # raises where a weight has no exact match
 
 
+def test_a_swap_leaves_numpys_blas_threads_as_it_found_them(exported):
+    """A swap runs its small GEMMs at one BLAS thread (OpenBLAS would fan each out over the cores its own
+    threads use), for the swap only: afterwards the application's numpy has its thread count back. numpy's
+    OpenBLAS keeps one count per process, even through ``openblas_set_num_threads_local``. Read by
+    threadpoolctl, at a count (3) that no swap sets."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def openblas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["internal_api"] == "openblas"]
+
+    with threadpool_limits(3, user_api="blas"):
+        assert openblas_threads() and set(openblas_threads()) == {3}
+        rt = Runtime.open(exported["bert"], threads=2, unmerged=False)
+        for task in ["t1", "t2", None, "t1"]:
+            rt.activate(task)
+            assert set(openblas_threads()) == {3}, task
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_generate_follows_peft_greedy_decoding(family, family_adapters, exported):
     """generate() through the KV cache = the peft-merged model's greedy tokens, per task, after swaps."""
