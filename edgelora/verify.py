@@ -49,15 +49,14 @@ def fixed_inputs(vocab_size: int, batch: int, sequence: int, seed: int = 0) -> d
 
 
 def session(path: Any, provider: str = "CPUExecutionProvider", threads: int | None = None) -> Any:
+    """An ONNX Runtime session with the on-device runtime's own options, so that engines timed side by side
+    run alike (and none keeps spinning into the next one's turn)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+    from .runtime.runtime import session_options
+
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), opts, providers=providers)
+    return ort.InferenceSession(str(path), session_options(threads), providers=providers)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -127,6 +127,26 @@ def test_a_swap_leaves_numpys_blas_threads_as_it_found_them(exported):
             assert set(openblas_threads()) == {3}, task
 
 
+def test_engine_threads_stop_spinning_when_a_run_returns(exported):
+    """Between runs the app tokenizes, swaps tasks, draws: the engine's worker threads must not keep a core
+    busy once ``run`` returns (ONNX Runtime's default spins them on, ~a whole core for 50 ms and more).
+    Process CPU time over 50 ms of idle after a run, at 2 threads."""
+    import time
+
+    rt = Runtime.open(exported["bert"], threads=2, unmerged=False)
+    ids = _ids(read_manifest(exported["bert"])["base"]["vocab_size"], batch=4, seq=64)
+    rt.activate("t1")
+    for _ in range(3):
+        rt.run(input_ids=ids)
+    burnt = []
+    for _ in range(5):
+        rt.run(input_ids=ids)
+        c0 = time.process_time()
+        time.sleep(0.05)
+        burnt.append(time.process_time() - c0)
+    assert sorted(burnt)[2] < 0.010, burnt
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_generate_follows_peft_greedy_decoding(family, family_adapters, exported):
     """generate() through the KV cache = the peft-merged model's greedy tokens, per task, after swaps."""
