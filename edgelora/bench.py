@@ -150,15 +150,18 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
             row["vs_baked"] = t["median_ms"] / times[task]["median_ms"]
         rows[name] = row
     shape = f"decode step at context {seq}" if manifest["task"] == "causal-lm" else f"batch {batch} × {seq} tokens"
-    swaps = swap_times(folder, manifest, rt, threads, peft=peft, rounds=max(rounds, 3)) if rt is not None else None
+    swaps = swap_times(folder, manifest, rt, threads, peft=peft, rounds=max(rounds, 3),
+                       run=lambda: rt.run(**feeds_of["base"])) if rt is not None else None
     return {"folder": str(folder), "target": target["name"], "threads": threads, "shape": shape, "engines": rows,
             "swap": swaps}
 
 
 def swap_times(folder: Path, manifest: dict[str, Any], rt: Any, threads: int, peft: bool = True,
-               rounds: int = 8) -> dict[str, Any]:
+               rounds: int = 8, run: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Switching tasks three ways, medians: the runtime's ``activate``; opening a fresh ONNX Runtime session
-    on the task's baked engine (a reload); PEFT in PyTorch (unmerge the old adapter, merge the new one)."""
+    on the task's baked engine (a reload); PEFT in PyTorch (unmerge the old adapter, merge the new one).
+    Back to back, as PEFT's is timed; with ``run`` (one inference), also ``activate`` right after a run, as
+    when serving: the run has pushed W0 and the weight buffers out of the caches."""
     from .verify import session
 
     names = [n for n, e in manifest["tasks"].items() if e.get("swappable", True)]
@@ -174,6 +177,14 @@ def swap_times(folder: Path, manifest: dict[str, Any], rt: Any, threads: int, pe
         act.append(time.perf_counter() - t0)
     out: dict[str, Any] = {"mode": rt.mode, "activate_median_ms": statistics.median(act) * 1e3,
                            "activate_p90_ms": sorted(act)[int(0.9 * len(act))] * 1e3, "swaps": len(act)}
+    if run is not None:
+        after = []
+        for i in range(max(10, 3 * rounds)):
+            run()
+            t0 = time.perf_counter()
+            rt.activate(order[i % len(order)])
+            after.append(time.perf_counter() - t0)
+        out["activate_after_run_median_ms"] = statistics.median(after) * 1e3
     engine = manifest["tasks"][names[0]].get("engine")
     if engine:
         opens = []
@@ -221,7 +232,10 @@ def bench_table(result: dict[str, Any]) -> str:
     sw = result.get("swap")
     if sw:
         lines.append(f"task switch ({sw['mode']}): activate {sw['activate_median_ms']:.2f} ms median "
-                     f"(p90 {sw['activate_p90_ms']:.2f} ms, {sw['swaps']} swaps)")
+                     f"(p90 {sw['activate_p90_ms']:.2f} ms, {sw['swaps']} swaps back to back)")
+        if "activate_after_run_median_ms" in sw:
+            lines.append(f"  activate right after a run (caches cold): {sw['activate_after_run_median_ms']:.2f} ms "
+                         "median")
         if "open_session_median_ms" in sw:
             lines.append(f"  fresh ONNX Runtime session for a task engine: {sw['open_session_median_ms']:.1f} ms "
                          f"({sw['open_vs_activate']:.0f}x activate)")
