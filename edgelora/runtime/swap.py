@@ -186,8 +186,8 @@ class SwapWeights:
                       Slot({k: np.array(v, copy=True) for k, v in self._base.items()})]
         self._scratch: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}  # (share, shape) -> buffer
         self._shares = max(1, threads)
-        # the calling thread builds share 0 itself, ``threads - 1`` workers the others: one wake-up fewer per
-        # swap, and no idle caller waiting on busy workers (measured 1.3 vs 2.7 ms for W1 beside another runtime)
+        # the calling thread builds share 0 itself, ``threads - 1`` workers the others: one thread and one
+        # wake-up fewer per swap (W1, back to back, this VM on a slow hour: 2.4-2.8 ms vs 2.8-3.1 before)
         self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="edgelora-swap") if threads > 1 else None
 
     def dims(self) -> dict[str, tuple[int, int]]:
