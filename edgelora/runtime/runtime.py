@@ -134,7 +134,8 @@ class Runtime:
              provider: str | None = None, spinning: bool = True, unmerged: bool | None = None) -> Runtime:
         """Open a deployment folder written by ``edgelora export``. ``threads``: ONNX Runtime intra-op threads
         (and swap workers, up to 4); ``max_resident``: LRU bound on tasks held in memory; ``provider``:
-        override the target's execution provider; ``spinning=False``: idle engine threads sleep at once;
+        override the target's execution provider; ``spinning=False``: engine threads never spin, not even
+        between the steps of a run (by default they spin during a run and sleep once it returns);
         ``unmerged``: run tasks as LoRA branches on base/lora.onnx (``activate`` switches cached feeds) rather
         than rebuilding weights; default (None): branches for decoders, rebuilt weights for encoders,
         as measured; either way falls back to what the deployment has."""
