@@ -62,7 +62,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from edgelora.deploy import read_manifest
-    from edgelora.runtime.files import mmap_safetensors
+    from edgelora.format.safetensors import parse
     from edgelora.runtime.runtime import session_options
 
     folder = args.folder
@@ -78,7 +78,7 @@ def main() -> None:
     fed = set(swap["weights"])
     in_out = folder / "base" / "swap_in_out.onnx"
     _in_out_graph(folder / swap["engine"], in_out, fed)
-    w0, _ = mmap_safetensors(folder / swap["w0"])
+    w0, _ = parse((folder / swap["w0"]).read_bytes(), swap["w0"])
     out_in_feeds = {k: np.ascontiguousarray(w0[k]) for k in fed}
     in_out_feeds = {k: np.ascontiguousarray(v.T) for k, v in out_in_feeds.items()}
 

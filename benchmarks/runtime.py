@@ -56,7 +56,7 @@ def parity(folder: Path) -> dict:
     for task in rt.tasks:
         rt.activate(None)
         rt.activate(task)
-        engine = session(folder / rt.manifest["tasks"][task]["engine"], threads=2)
+        engine = session(folder / rt.manifest.tasks[task].engine, threads=2)
         diff, same = 0.0, 0
         for i in range(0, len(texts), 50):
             enc = rt.tokenizer.encode(texts[i:i + 50])
@@ -78,7 +78,7 @@ ids = np.random.default_rng(0).integers(5, 30000, (1, 128))
 rt.run(input_ids=ids)
 rt.activate(rt.tasks[0]); rt.activate(None); rt.run(input_ids=ids)  # both slots written once
 base = psutil.Process().memory_info().rss
-src = [folder / rt.manifest["tasks"][t]["delta"] for t in rt.tasks]
+src = [folder / rt.manifest.tasks[t].delta for t in rt.tasks]
 size = 0
 for i in range(n):
     rt.load(f"task{i}", src[i % len(src)])
@@ -99,9 +99,9 @@ folder, rounds, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 # spinning off on both sides: then process CPU time is work done, not spin-waits, and its ratio is the
 # steadier measure on this VM (wall-clock medians swing with stolen time)
 rt = Runtime.open(folder, threads=2, spinning=False, unmerged={"auto": None, "swap": False, "unmerged": True}[mode])
-io, shapes = rt.io, rt.manifest["target"]["shapes"]
+io, shapes = rt.manifest.raw["base"]["io"], rt.manifest.raw["target"]["shapes"]
 rng = np.random.default_rng(0)
-vocab = int(rt.manifest["base"]["vocab_size"])
+vocab = rt.manifest.base.vocab_size
 if rt.kind == "causal-lm":  # one decode step at context `sequence`
     seq = shapes["sequence"]
     feeds = {"input_ids": rng.integers(5, vocab, (1, 1)), "attention_mask": np.ones((1, seq), np.int64)}
@@ -112,7 +112,7 @@ else:
              "attention_mask": np.ones((1, shapes["sequence"]), np.int64)}
 out = {}
 for task in rt.tasks:
-    entry = rt.manifest["tasks"][task]
+    entry = rt.manifest.raw["tasks"][task]
     baked = ort.InferenceSession(str(folder / entry["engine"]), session_options(2, spinning=False),
                                  providers=["CPUExecutionProvider"])
     rt.activate(task)
@@ -162,26 +162,23 @@ def mixed(folder: Path, rounds: int = 8, sequence: int = 128) -> dict:
     import numpy as np
 
     from edgelora.bench import interleaved
-    from edgelora.deploy import read_delta, save_float32_safetensors
+    from edgelora.deploy import DeltaModule, read_delta, write_delta
     from edgelora.runtime import Runtime
 
     rt = Runtime.open(folder, threads=2)
     originals = list(rt.tasks)[:2]
     # two more tasks, distinct from the first two: their deltas at half scale
     for src in originals:
-        modules, head = read_delta(folder / rt.manifest["tasks"][src]["delta"])
+        modules, head = read_delta(folder / rt.manifest.tasks[src].delta)
         path = folder.parent / f"{folder.name}-{src}-half.safetensors"
-        tensors = {f"{m}.lora_{k}": getattr(d, k) for m, d in modules.items() for k in ("A", "B")}
-        tensors |= {f"head.{k}": v for k, v in head.items()}
-        scales = {m: d.scale / 2 for m, d in modules.items()}
-        save_float32_safetensors(tensors, path, {"format": "1", "base_fingerprint": rt.manifest["base"]["fingerprint"],
-                                                 "scales": json.dumps(scales, sort_keys=True)})
+        half = {m: DeltaModule(m, d.A, d.B, d.scale / 2) for m, d in modules.items()}
+        write_delta(path, half, head, rt.manifest.base.fingerprint, rt.labels(src) if head else None)
         rt.load(f"{src}-half", path)
     tasks = [*originals, *(f"{t}-half" for t in originals)]
     rows = [t for t in tasks for _ in range(2)]
     rng = np.random.default_rng(1)
-    vocab = int(rt.manifest["base"]["vocab_size"])
-    io = rt.io
+    vocab = rt.manifest.base.vocab_size
+    io = rt.manifest.raw["base"]["io"]
     if rt.kind == "causal-lm":
         feeds = {"input_ids": rng.integers(5, vocab, (8, 1)), "attention_mask": np.ones((8, sequence), np.int64)}
         for n in io["inputs"]:

@@ -12,60 +12,15 @@ API: ``build_name_map(model_proto, weights) -> {module: WeightLocation}``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from edgelora.format.location import WeightLocation  # the one location type (manifest, exporter, runtime)
+
 
 class NameMapError(ValueError):
     """A target weight has no unique place in the graph."""
-
-
-@dataclass(frozen=True)
-class WeightLocation:
-    """Where W0 of one module lives in the graph, in the graph's layout.
-
-    ``transposed``: the initializer holds W0ᵀ (in, out) rather than W0 (out, in).
-    ``columns``/``rows``: for a packed initializer, the [start, stop) slice this module occupies
-    along the output axis (columns when transposed, rows otherwise); ``None`` when not packed.
-    """
-
-    initializer: str
-    shape: tuple[int, ...]  # of the whole initializer
-    transposed: bool
-    slice: tuple[int, int] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        d["slice"] = list(self.slice) if self.slice else None
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> WeightLocation:
-        return cls(str(d["initializer"]), tuple(d["shape"]), bool(d["transposed"]),
-                   tuple(d["slice"]) if d.get("slice") else None)  # type: ignore[arg-type]
-
-    def read(self, init: np.ndarray) -> np.ndarray:
-        """This module's W0 as (out, in), from the whole initializer array."""
-        part = init
-        if self.slice is not None:
-            a, b = self.slice
-            part = init[:, a:b] if self.transposed else init[a:b, :]
-        return part.T if self.transposed else part
-
-    def write(self, init: np.ndarray, w_out_in: np.ndarray) -> None:
-        """Store a (out, in) weight into its place in the whole initializer array (in place)."""
-        value = w_out_in.T if self.transposed else w_out_in
-        if self.slice is None:
-            init[...] = value
-        else:
-            a, b = self.slice
-            if self.transposed:
-                init[:, a:b] = value
-            else:
-                init[a:b, :] = value
 
 
 def float_initializers(model: Any) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import shlex
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -323,21 +324,21 @@ def run(folder: Path, task: str | None, texts: tuple[str, ...], max_new_tokens: 
     rt = Runtime.open(folder, threads=threads)
     if task is None and rt.tasks:
         task = rt.tasks[0]
-    rt.activate(task)
     results: list[dict[str, Any]] = []
     if rt.kind == "causal-lm":
         for text in texts:
             prompt = rt.tokenizer.encode(text)["input_ids"][0]
-            new = rt.generate(prompt, max_new_tokens, temperature=temperature, top_p=top_p,
-                              eos_token_id=rt.tokenizer.eos_id)
+            limit = min(max_new_tokens, (rt.max_positions or 1 << 30) - len(prompt))
+            new = rt.generate(prompt, max(limit, 0), temperature=temperature, top_p=top_p,
+                              eos_token_id=rt.tokenizer.eos_id, task=task)
             results.append({"text": text, "generated": rt.tokenizer.decode(new), "tokens": len(new)})
-    elif rt.kind == "encoder" and not (task and rt.manifest["tasks"][task].get("num_labels")):
-        out = rt.run(text=list(texts))
+    elif task is None or rt.num_labels(task) is None:
+        out = rt.run(text=list(texts), task=task)
         key = "pooler_output" if "pooler_output" in out else "last_hidden_state"
         for text, vec in zip(texts, out[key], strict=True):
             results.append({"text": text, "embedding_dims": list(vec.shape), "norm": float(np.linalg.norm(vec))})
     else:
-        for text, (label, prob) in zip(texts, rt.classify(list(texts)), strict=True):
+        for text, (label, prob) in zip(texts, rt.classify(list(texts), task=task), strict=True):
             results.append({"text": text, "label": label, "probability": prob})
     if as_json:
         _print_json({"task": task, "mode": rt.mode, "results": results})
@@ -349,6 +350,26 @@ def run(folder: Path, task: str | None, texts: tuple[str, ...], max_new_tokens: 
             click.echo(f"{r['label']:>10}  {r['probability']:.3f}  {r['text']}")
         else:
             click.echo(f"{r['text']}: embedding {r['embedding_dims']}, norm {r['norm']:.3f}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def verify(folder: Path, as_json: bool) -> None:
+    """Check a deployment folder as the runtime would, and more: every file's size and sha256 against the
+    manifest, every field of the manifest, every delta, W0 and the engines' loading."""
+    from .runtime import Runtime
+
+    t0 = time.perf_counter()
+    rt = Runtime.open(folder, verify=True, threads=1)
+    summary = {"folder": str(folder), "format": rt.manifest.format, "files": len(rt.manifest.files),
+               "bytes": sum(e.size for e in rt.manifest.files.values()), "tasks": rt.tasks, "mode": rt.mode,
+               "seconds": round(time.perf_counter() - t0, 2)}
+    if as_json:
+        _print_json({"ok": True, **summary})
+    else:
+        click.echo(f"ok: {folder}: {summary['files']} files ({_human_bytes(summary['bytes'])}) match the manifest, "
+                   f"{len(rt.tasks)} task(s) valid ({summary['seconds']} s)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,14 +3,16 @@
 ::
 
     OUT/
-      manifest.json            format, base fingerprint, target, io spec, tasks, name map
+      manifest.json            format, base fingerprint, target, io spec, tasks, name map, and the size and
+                               sha256 of every other file (reports excepted); read by edgelora.format
       base/model.onnx          the base engine (target precision); weights in base/model.onnx.data
       base/swap.onnx           a base graph with the LoRA-target weights as inputs (the runtime's engine;
                                fp32: the unfused graph, sharing base/lora.onnx.data; else the base engine,
                                sharing base/model.onnx.data)
       base/swap_w0.safetensors the pristine fp32 W0 of those weights (the runtime rebuilds W0 + s·B·A from it)
       base/lora.onnx           the same, unfused, with LoRA branches whose A, B are graph inputs
-      tasks/NAME/delta.safetensors   A, B per module (fp32) + head tensors; scales in the manifest
+      tasks/NAME/delta.safetensors   A, B per module (fp32) + head tensors; scales, base fingerprint and
+                               label names in its metadata
       tasks/NAME/model.onnx    the baked (merged) engine, when the target bakes them
       tasks/NAME/adapter.onnx_adapter  the delta as ONNX Runtime adapter parameters for base/lora.onnx
       tokenizer/               the base's tokenizer files
@@ -23,15 +25,15 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 2  # 2: swap graph, W0, row-masked lora.onnx, base fingerprint in every delta
-MANIFEST = "manifest.json"
+from .format.manifest import FORMAT_VERSION, MANIFEST
+
 BASE_ENGINE = "base/model.onnx"
 BASE_DATA = "model.onnx.data"  # external data of the base engine, shared by the swap graph
 SWAP_ENGINE = "base/swap.onnx"
@@ -70,9 +72,10 @@ class DeltaModule:
 
 
 def write_delta(path: Path, modules: Mapping[str, DeltaModule], head: Mapping[str, np.ndarray],
-                base_fingerprint: str) -> None:
+                base_fingerprint: str, labels: Sequence[str] | None = None) -> None:
     """A, B in fp32 under ``{module}.lora_A`` / ``.lora_B``; head tensors under ``head.{name}``;
-    the scales and the fingerprint of the base it was trained on in the metadata."""
+    the scales, the fingerprint of the base it was trained on and the head's label names in the metadata
+    (a delta carries everything the runtime needs to run and label its task)."""
     tensors: dict[str, np.ndarray] = {}
     for name, m in modules.items():
         tensors[f"{name}.lora_A"] = np.ascontiguousarray(m.A, dtype=np.float32)
@@ -81,6 +84,8 @@ def write_delta(path: Path, modules: Mapping[str, DeltaModule], head: Mapping[st
         tensors[f"head.{name}"] = np.ascontiguousarray(t, dtype=np.float32)
     meta = {"format": str(FORMAT_VERSION), "base_fingerprint": base_fingerprint,
             "scales": json.dumps({n: m.scale for n, m in sorted(modules.items())}, sort_keys=True)}
+    if labels is not None:
+        meta["labels"] = json.dumps(list(labels))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_float32_safetensors(tensors, path, meta)
 
@@ -133,4 +138,6 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest as raw JSON, for tools reading a folder this edgelora wrote (the runtime reads it typed
+    and checked: ``edgelora.format.read_manifest``)."""
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))

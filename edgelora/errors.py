@@ -24,5 +24,18 @@ class EdgeloraError(Exception):
         return str(self)
 
 
+class DeploymentError(EdgeloraError):
+    """A deployment folder (or a file in it) that cannot be trusted or used: missing, corrupt, changed since
+    export, outside the folder, or of the wrong type. The fix is almost always to re-export it."""
+
+
+class DeltaError(DeploymentError):
+    """A delta file that cannot be used with this deployment (corrupt, other base, wrong shapes or dtypes)."""
+
+
+class InputError(EdgeloraError):
+    """A call given inputs the engine cannot take (ids out of range, wrong shapes or dtypes)."""
+
+
 class EdgeloraWarning(UserWarning):
     """A change edgelora made to what the user asked for, or a doubt it wants the user to see."""

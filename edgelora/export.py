@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,11 +48,13 @@ from .deploy import (
     write_json,
 )
 from .errors import EdgeloraError
-from .fsutil import atomic_output_dir, check_output_dir
+from .format.files import file_table
+from .format.location import WeightLocation
+from .format.manifest import TASK_NAME
+from .fsutil import WORK_DIR, atomic_output_dir, check_output_dir, scratch_dir
 from .merge import merge_into_model
 from .merged_model import copy_tokenizer
 from .prepare import Prepared, prepare
-from .runtime.swap import Location
 from .target import Target
 
 EXAMPLE_ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "examples" / "adapters"
@@ -157,8 +158,9 @@ def export(
     if not adapters:
         raise EdgeloraError("no adapters given; pass --adapter NAME=PATH (one or more)")
     for name in adapters:
-        if not name or "/" in name or name.startswith(".") or name in ("base",):
-            raise EdgeloraError(f"task name {name!r} is not usable as a folder name; use letters, digits, - or _")
+        if not TASK_NAME.fullmatch(name) or name == "base":
+            raise EdgeloraError(f"task name {name!r} is not usable as a folder name; use letters, digits, . _ - "
+                                "(up to 128, not starting with . _ -)")
     for name in evals:
         if name not in adapters:
             raise EdgeloraError(f"--eval {name}=...: no adapter named {name!r}; names: {', '.join(adapters)}")
@@ -198,8 +200,7 @@ def export(
     tol = target.tolerance
     failures: list[str] = []
     tokenizer = _tokenizer(base_path) if eval_sets else None
-    with atomic_output_dir(output, force=force) as out, tempfile.TemporaryDirectory(prefix="edgelora-export-") as w:
-        work = Path(w)
+    with atomic_output_dir(output, force=force) as out, scratch_dir(out) as work:
         # 2. base engine and name map
         report_step("exporting base engine")
         base_model = first.model  # not merged yet: W0 everywhere
@@ -233,7 +234,7 @@ def export(
         report_step("writing the swap graph for the on-device runtime")
         swap, swap_reason = _swap_graph(out, work, target, fused_inits, name_map, lora_graph)
         # merge each weight in the layout the swap graph feeds it: a swap then rebuilds it bit for bit
-        layouts = {m: Location.from_json(loc).layout for m, loc in (swap or {}).get("modules", {}).items()}
+        layouts = {m: WeightLocation.from_json(loc).layout for m, loc in (swap or {}).get("modules", {}).items()}
         plain_latency = None
         if fused and target.precision == "fp32":
             plain_latency = _latency_only(work / "base.raw.onnx", spec, target, base_model, threads, latency_runs)
@@ -244,7 +245,7 @@ def export(
         for name, p in prepared.items():
             report_step(f"task {name}: delta")
             modules, head, not_swappable = _delta_for(p)
-            write_delta(out / delta_path(name), modules, head, base_fp)
+            write_delta(out / delta_path(name), modules, head, base_fp, p.head.labels if head else None)
             if lora_graph is not None and not_swappable is None:
                 _write_ort_adapter(out / ort_adapter_path(name), modules, lora_graph)
             entry: dict[str, Any] = {
@@ -316,7 +317,9 @@ def export(
             "task": task,
             "base": {"name": base_name, "fingerprint": base_fp, "model_type": family, "engine": BASE_ENGINE,
                      "io": spec, "headless": headless, "fused": fused,
-                     "vocab_size": int(base_model.config.vocab_size)},
+                     "vocab_size": int(base_model.config.vocab_size),
+                     "max_positions": _max_positions(base_model.config),
+                     "hidden_size": _hidden_size(base_model.config)},
             "target": target.to_json(),
             "tokenizer": TOKENIZER_DIR if any((out / TOKENIZER_DIR).iterdir()) else None,
             "name_map": {"graph": "fused fp32" if fused else "fp32",
@@ -325,6 +328,9 @@ def export(
             "swap": swap,
             "swap_unavailable": swap_reason,
             "tasks": manifest_tasks,
+            # size and sha256 of every file the folder holds, reports (written after) excepted: the runtime
+            # checks what it reads against them, `edgelora verify` checks all of them
+            "files": {rel: e.to_json() for rel, e in file_table(out, exclude_dirs=frozenset({WORK_DIR})).items()},
         }
         seconds = time.perf_counter() - t_start
         report = {
@@ -373,7 +379,7 @@ def _swap_graph(out: Path, work: Path, target: Target, fused_inits: Mapping[str,
     import onnx
 
     from .converters.onnx_lora import remove_lora_branches
-    from .converters.onnx_names import WeightLocation, float_initializers
+    from .converters.onnx_names import float_initializers
     from .converters.onnx_swap import make_swap_graph
 
     if not name_map:
@@ -438,7 +444,6 @@ def _write_ort_adapter(path: Path, modules: Mapping[str, DeltaModule], lora_grap
     import onnxruntime as ort
 
     from .converters.onnx_lora import in_out
-    from .converters.onnx_names import WeightLocation
     from .runtime.lora import stacked_feeds
 
     dims = {m: in_out(WeightLocation.from_json(d)) for m, d in lora_graph["modules"].items()}
@@ -487,7 +492,6 @@ def _lora_graph(work: Path, out: Path, w0: Mapping[str, np.ndarray], target: Tar
 def _verify_lora_graph(out: Path, lora_graph: Mapping[str, Any], modules: Mapping[str, DeltaModule], model: Any,
                        spec: dict[str, Any], target: Target, headless: bool, threads: int) -> Any:
     from .converters.onnx_lora import branch_feeds
-    from .converters.onnx_names import WeightLocation
     from .verify import check_causal_lm, check_encoder, fixed_inputs, session
 
     sess = session(out / lora_graph["engine"], target.provider, threads)
@@ -497,6 +501,23 @@ def _verify_lora_graph(out: Path, lora_graph: Mapping[str, Any], modules: Mappin
     if spec["kind"] == "causal-lm":
         return check_causal_lm(sess, model, spec, inputs, extra)
     return check_encoder(sess, model, inputs, headless, extra)
+
+
+def _max_positions(config: Any) -> int | None:
+    """The longest sequence the base's position embeddings cover (None: no fixed limit)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _hidden_size(config: Any) -> int | None:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _within(parity: Any, tol: Any) -> list[str]:
@@ -523,12 +544,16 @@ def _read_eval(path: Path, p: Prepared) -> tuple[list[str], list[int]]:
     examples = read_classification(path)
     texts, raw = [e.text for e in examples], [e.label for e in examples]
     index = {name: i for i, name in enumerate(labels)}
-    try:
-        ids = [index[x] if x in index else int(x) for x in raw]
-    except ValueError:
-        bad = next(x for x in raw if x not in index)
-        raise EdgeloraError(f"--eval {path}: label {bad!r} is not one of the adapter's labels "
-                            f"({', '.join(labels)}) nor a class id") from None
+    ids = []
+    for n, x in enumerate(raw, 1):
+        label = index.get(x)
+        if label is None and x.lstrip("-").isdigit() and 0 <= int(x) < len(labels):
+            label = int(x)
+        if label is None:
+            raise EdgeloraError(f"--eval {path}: example {n} has label {x!r}, which is neither one of the adapter's "
+                                f"labels ({', '.join(labels)}) nor a class id 0..{len(labels) - 1}; fix the file or "
+                                "pass the eval file of this task")
+        ids.append(label)
     return texts, ids
 
 

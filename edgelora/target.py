@@ -8,6 +8,7 @@ PyTorch, and whether per-task merged engines are baked. ``--target`` takes a bun
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -162,6 +163,9 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         kwargs[key] = data[key]
     t = Target(**kwargs)
     checks = [
+        (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", t.name) is not None,
+         f"name = {t.name!r} must be a plain name (letters, digits, . _ -; it names the default output folder "
+         "out/<name>)"),
         (t.backend == "onnxruntime", f"backend = {t.backend!r}; supported: 'onnxruntime'"),
         (t.provider in PROVIDERS, f"provider = {t.provider!r}; choose one of {', '.join(PROVIDERS)}"),
         (t.precision in PRECISIONS, f"precision = {t.precision!r}; choose one of {', '.join(PRECISIONS)}"),

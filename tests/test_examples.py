@@ -112,7 +112,7 @@ def _runtime_matches_baked(dep, task, max_abs_diff):
     rt = Runtime.open(dep, threads=2)
     for name in (*rt.tasks, task):  # arrive at the task through the others
         rt.activate(name)
-    engine = ort.InferenceSession(str(dep / rt.manifest["tasks"][task]["engine"]), providers=["CPUExecutionProvider"])
+    engine = ort.InferenceSession(str(dep / rt.manifest.tasks[task].engine), providers=["CPUExecutionProvider"])
     texts = [e.text for e in read_classification(REPO / "examples/data/sst2-dev-500.tsv")]
     for i in range(0, len(texts), 100):
         enc = rt.tokenizer.encode(texts[i:i + 100])

@@ -150,7 +150,7 @@ def test_manifest_and_report_follow_the_schema(exported, family_adapters):
     dep = exported["bert"]
     manifest = read_manifest(dep)
     report = json.loads((dep / "report.json").read_text())
-    assert manifest["format"] == 2 and manifest["task"] == "sequence-classification"
+    assert manifest["format"] == 3 and manifest["task"] == "sequence-classification"
     from edgelora.base import fingerprint
 
     assert manifest["base"]["fingerprint"] == report["base"]["fingerprint"] == fingerprint(family_adapters["bert"][0])

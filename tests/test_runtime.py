@@ -84,8 +84,9 @@ def test_a_swap_rebuilds_the_baked_engines_weights_bit_for_bit(family, tiny_dir,
 
     from edgelora.cli import main
     from edgelora.deploy import read_delta
-    from edgelora.runtime.files import mmap_safetensors
-    from edgelora.runtime.swap import Location, SwapWeights
+    from edgelora.format.manifest import parse_manifest
+    from edgelora.format.safetensors import parse
+    from edgelora.runtime.swap import SwapWeights
 
     task_type, kw, labels = FAMILIES[family]
     kw = {k: v for k, v in kw.items() if k != "rank_pattern"} | {"r": 8}
@@ -99,8 +100,9 @@ def test_a_swap_rebuilds_the_baked_engines_weights_bit_for_bit(family, tiny_dir,
     readers = [n for n in graph.node if len(n.input) > 1 and n.input[1] in swap["weights"]]
     assert readers and all(n.op_type in ("FusedMatMul", "Gemm") and {a.name: a.i for a in n.attribute}["transB"] == 1
                            for n in readers), family
-    w0, _ = mmap_safetensors(dep / swap["w0"])
-    weights = SwapWeights(swap, w0, {m: Location.from_json(d) for m, d in swap["modules"].items()}, threads=2)
+    w0, _ = parse((dep / swap["w0"]).read_bytes(), swap["w0"])
+    spec = parse_manifest(manifest).swap
+    weights = SwapWeights(spec.weights, w0, spec.modules, threads=2)
     modules, _ = read_delta(dep / manifest["tasks"]["t"]["delta"])
     weights.build(weights.slots[0], modules)
     rebuilt = {m: WeightLocation.from_json(d).read(weights.slots[0].arrays[d["initializer"]])
@@ -152,7 +154,7 @@ def test_generate_follows_peft_greedy_decoding(family, family_adapters, exported
     """generate() through the KV cache = the peft-merged model's greedy tokens, per task, after swaps."""
     base, adapters = family_adapters[family]
     rt = Runtime.open(exported[family], threads=2, unmerged=family == "gpt2")  # one of each mode
-    prompt = _ids(rt.manifest["base"]["vocab_size"], 1, 6)[0]
+    prompt = _ids(rt.manifest.base.vocab_size, 1, 6)[0]
     for task in ["t2", "t1"]:
         _, merged = peft_reference(base, adapters[task], "CAUSAL_LM")
         with torch.no_grad():
@@ -241,7 +243,7 @@ def test_failed_activate_or_load_leaves_the_previous_task(exported, tmp_path):
 
     dep = _copy_dep(exported["bert"], tmp_path / "dep")
     rt = Runtime.open(dep, threads=2)
-    ids = _ids(rt.manifest["base"]["vocab_size"])
+    ids = _ids(rt.manifest.base.vocab_size)
     rt.activate("t1")
     before = rt.run(input_ids=ids)["logits"]
 
@@ -268,16 +270,25 @@ def test_failed_activate_or_load_leaves_the_previous_task(exported, tmp_path):
         assert needle in str(err.value) and "\n" not in str(err.value) and str(bad) in str(err.value)
         assert rt.active == "t1" and "t3" not in rt.tasks
         assert np.array_equal(rt.run(input_ids=ids)["logits"], before)
-    # a manifest task whose file went bad: activate raises, nothing changes
+    # a manifest task whose file went bad after open: deltas were read and checked at open, so a resident task
+    # is unaffected; one evicted by the LRU bound is read again on activate, refused, and nothing changes
+    small = Runtime.open(dep, threads=2, max_resident=1)  # t1 evicted at open by t2
+    small.activate("t2")
+    t1 = dep / "tasks/t1/delta.safetensors"
+    t1.write_bytes(t1.read_bytes()[:500])
+    with pytest.raises(DeltaError, match="t1/delta.safetensors"):
+        small.activate("t1")
+    assert small.active == "t2"
     good.write_bytes(good.read_bytes()[:500])
-    with pytest.raises(DeltaError):
-        rt.activate("t2")
-    assert rt.active == "t1" and np.array_equal(rt.run(input_ids=ids)["logits"], before)
+    rt.activate("t2")  # resident since open: its checked bytes are in memory
+    assert rt.active == "t2"
+    rt.activate("t1")
+    assert np.array_equal(rt.run(input_ids=ids)["logits"], before)
     # a good file under a new name, then unload
     rt.load("t3", exported["bert"] / "tasks/t2/delta.safetensors")
     rt.activate("t3")
     ref = _engine_run(_engine(exported["bert"], "tasks/t2/model.onnx"), {"input_ids": ids,
-                      "attention_mask": np.ones_like(ids)}, rt.io)["logits"]
+                      "attention_mask": np.ones_like(ids)}, rt.manifest.raw["base"]["io"])["logits"]
     assert np.abs(rt.run(input_ids=ids)["logits"] - ref).max() <= 1e-5
     with pytest.raises(Exception, match="active"):
         rt.unload("t3")
@@ -294,7 +305,7 @@ def test_lru_bound_keeps_the_active_task_and_reloads_on_demand(exported, tmp_pat
     for i in range(3, 7):
         rt.load(f"t{i}", dep / f"tasks/t{i}/delta.safetensors")
     assert len(rt.store.resident) <= 2
-    ids = _ids(rt.manifest["base"]["vocab_size"])
+    ids = _ids(rt.manifest.base.vocab_size)
     rt.activate("t3")
     first = rt.run(input_ids=ids)["logits"]
     for name in ["t4", "t5", "t6", "t2", "t3"]:
@@ -310,7 +321,7 @@ def test_soak_four_readers_one_swapper_never_see_a_mixture(exported):
 
     dep = exported["bert"]
     rt = Runtime.open(dep, threads=1)
-    ids = _ids(rt.manifest["base"]["vocab_size"], batch=1, seq=8)
+    ids = _ids(rt.manifest.base.vocab_size, batch=1, seq=8)
     expected = {}
     for task in ("t1", "t2"):
         rt.activate(task)
@@ -400,7 +411,7 @@ def test_bad_folder_and_unknown_task_are_one_line_errors(exported, tmp_path, cli
     old = shutil.copytree(exported["bert"], tmp_path / "old")  # a folder from an earlier format
     manifest = json.loads((old / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
-    with pytest.raises(EdgeloraError, match="format 1, this runtime reads 2; re-export"):
+    with pytest.raises(EdgeloraError, match="format 1, this runtime reads 3; re-export"):
         Runtime.open(old)
     rt = Runtime.open(exported["bert"])
     with pytest.raises(EdgeloraError, match="no task 'nope'"):

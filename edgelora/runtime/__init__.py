@@ -9,7 +9,7 @@ peft or onnx. ::
     rt.run(text="a gorgeous, witty, seductive movie")["logits"]
 """
 
-from .files import DeltaError
-from .runtime import Runtime
+from ..errors import DeltaError, DeploymentError, InputError
+from .runtime import Prediction, Runtime
 
-__all__ = ["DeltaError", "Runtime"]
+__all__ = ["DeltaError", "DeploymentError", "InputError", "Prediction", "Runtime"]

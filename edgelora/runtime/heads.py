@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-KNOWN = {"classifier.weight", "classifier.bias", "score.weight", "score.bias"}
+HEAD_ROWS = (("classifier.weight", "classifier.bias"), ("score.weight", "score.bias"))  # (weight, bias)
+KNOWN = {name for pair in HEAD_ROWS for name in pair}
 
 
 def unsupported(head: Mapping[str, np.ndarray]) -> list[str]:

@@ -2,10 +2,11 @@
 
 How a task is applied, chosen per deployment (``Runtime.mode``):
 
-- ``swap`` (encoders on fp32, fp16, int8 bases): ``base/swap.onnx`` reads its LoRA-target weights from two
-  runtime-owned slots. ``activate`` rebuilds ``W0 + s·B·A`` into the idle slot (waiting for runs that
-  still read it), then flips; a run holds the slot it started on to its end, so every call sees one
-  task's weights. Latency is the base engine's plus the cost of not prepacking those weights.
+- ``swap`` (encoders on fp32, fp16, int8 bases): ``base/swap.onnx`` reads its LoRA-target weights from
+  runtime-owned slots. ``activate`` rebuilds ``W0 + s·B·A`` into a slot no run is reading (waiting for
+  runs that still read it), then flips; a run holds the slot it started on to its end, so every call sees
+  one task's weights. A slot remembers the task it holds: switching back to it is a flip, no rebuild.
+  Latency is the base engine's plus the cost of not prepacking those weights.
 - ``unmerged`` (decoders by default, and int4 or other bases whose weights cannot be rebuilt on the
   device): the task's A and B are fed to ``base/lora.onnx``; activating switches to the task's feeds
   (built once, then cached), the base weights never change. At a decode step this costs what fed
@@ -13,7 +14,14 @@ How a task is applied, chosen per deployment (``Runtime.mode``):
 - a task that is not a pure ``W0 + s·B·A`` update (DoRA, LoRA bias, heads inside the base) runs on
   its baked engine, opened on first use.
 
-``run(..., tasks=[...])`` serves one batch whose rows belong to different tasks on ``base/lora.onnx``.
+Every call works on one state, acquired once: the weights (slot, feeds or engine), the head and the label
+names of one task. ``run(..., task=NAME)`` / ``classify(..., task=NAME)`` name the task per call, so a
+multi-threaded app needs no shared "active" task at all; ``run(..., tasks=[...])`` serves one batch whose
+rows belong to different tasks on ``base/lora.onnx``.
+
+What the runtime reads is checked first: the manifest field by field, every listed file's size, the
+hashes of the small files it reads (deltas, W0, tokenizer), W0's finiteness, every delta at ``open``;
+``open(verify=True)`` also hashes the engines. Inputs are checked before they reach an engine.
 Imports numpy and onnxruntime only (tokenization through ``tokenizers`` when text is passed).
 """
 
@@ -23,21 +31,23 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..deploy import FORMAT_VERSION, MANIFEST
-from ..errors import EdgeloraError
-from .files import mmap_safetensors, read_json
+from ..errors import DeltaError, DeploymentError, EdgeloraError, InputError
+from ..format.files import check_sizes, locate, map_file, read_bytes, verify_files
+from ..format.manifest import FORMAT_VERSION, TASK_NAME, Manifest, SwapSpec, read_manifest
+from ..format.safetensors import parse
 from .heads import apply_head, unsupported
 from .lora import concat_feeds, stacked_feeds
-from .store import AdapterStore, TaskDelta
-from .swap import Location, SwapWeights
+from .store import AdapterStore, DeltaRules, TaskDelta
+from .swap import SwapWeights
 
 SUPPORTED_FORMAT = FORMAT_VERSION
+_UNKNOWN = object()  # what a slot holds after a failed rebuild: nothing usable until rebuilt
 
 
 def session_options(threads: int | None, spinning: bool = True) -> Any:
@@ -62,110 +72,157 @@ def session_options(threads: int | None, spinning: bool = True) -> Any:
 
 @dataclass(frozen=True)
 class _State:
+    """One task as a call runs it. ``delta`` None: the base model."""
+
     task: str | None
-    slot: int | None = None  # swap mode
+    delta: TaskDelta | None = None
+    slot: int | None = None  # swap mode: the slot holding its weights
     feeds: Mapping[str, np.ndarray] | None = None  # unmerged mode: the task's A, B, mask
     session: Any = None  # a task on its baked engine
-    head: Mapping[str, np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A classification call's whole result, from one state: the task it ran under, that task's label names
+    (None: class ids), the logits and their softmax, one row per input."""
+
+    task: str | None
+    labels: tuple[str, ...] | None
+    logits: np.ndarray
+    probabilities: np.ndarray
+
+    def top(self) -> list[tuple[str, float]]:
+        """(label, probability) of the most likely class, per row."""
+        best = self.probabilities.argmax(axis=1)
+        names = self.labels or ()
+        return [(names[i] if i < len(names) else str(i), float(p[i]))
+                for i, p in zip(best, self.probabilities, strict=True)]
 
 
 class Runtime:
-    def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None, max_resident: int | None,
-                 provider: str | None, spinning: bool = True, unmerged: bool | None = None) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None, max_resident: int | None,
+                 provider: str | None, spinning: bool = True, unmerged: bool | None = None, slots: int = 2) -> None:
         import onnxruntime as ort
 
+        self._cond = threading.Condition()  # guards the state pointer and the slots' reader counts
+        self._activating = threading.Lock()  # one rebuild at a time; held while a slot is chosen and built
+        self._cache_lock = threading.Lock()  # the branch-feeds cache, the baked engines, the tokenizer
         self.folder = folder
         self.manifest = manifest
         self.threads = threads
         self.spinning = spinning
-        self.provider = provider or manifest["target"]["provider"]
+        self.provider = provider or manifest.target.provider
         if self.provider not in ort.get_available_providers():
-            raise EdgeloraError(f"{folder}: target {manifest['target']['name']} needs {self.provider}, which this "
-                                f"onnxruntime lacks (has {', '.join(ort.get_available_providers())})")
-        self.kind = manifest["base"]["io"]["kind"]
-        self.io = manifest["base"]["io"]
-        self.headless = bool(manifest["base"].get("headless"))
-        self._lora_graph = manifest.get("lora_graph")
+            raise DeploymentError(f"{folder}: target {manifest.target.name} needs {self.provider}, which this "
+                                  f"onnxruntime lacks (has {', '.join(ort.get_available_providers())})")
+        self.kind = manifest.base.io.kind
+        self.io = manifest.base.io
+        self.headless = manifest.base.headless
+        self.max_positions = manifest.base.max_positions
+        self._lora_graph = manifest.lora_graph
         self._lora_session: Any = None
         self._engines: dict[str, Any] = {}
         if unmerged is None:
             # Measured (benchmarks/README.md): a decode step pays the same ~1.14x for fed weights as for
             # LoRA branches, while a W2 rebuild takes 27 ms and switching branch feeds ~0; encoders pay
             # 1.05x swapped vs 1.2x as branches. So decoders default to branches, encoders to swaps.
-            unmerged = manifest["base"]["io"]["kind"] == "causal-lm"
-        swap = None if unmerged and self._lora_graph else manifest.get("swap")
-        self._lora_dims = _module_dims(self._lora_graph["modules"]) if self._lora_graph else {}
-        if swap:
-            locations = {m: Location.from_json(d) for m, d in swap["modules"].items()}
-            w0, _ = mmap_safetensors(folder / swap["w0"])
+            unmerged = self.kind == "causal-lm"
+        swap = None if unmerged and self._lora_graph else manifest.swap
+        self._lora_dims = {m: loc.dims() for m, loc in self._lora_graph.modules.items()} if self._lora_graph else {}
+        self._swap: SwapWeights | None = None
+        if swap is not None:
             workers = min(threads or os.cpu_count() or 1, 4)
-            self._swap: SwapWeights | None = SwapWeights(swap, w0, locations, threads=workers)
+            self._swap = SwapWeights(swap.weights, self._read_w0(swap), swap.modules, threads=workers, slots=slots)
             self.mode = "swap"
-            self._session = self._open(folder / swap["engine"])
+            self._session = self._open(swap.engine)
             dims = self._swap.dims()
+        elif self._lora_graph is not None:
+            self.mode = "unmerged"
+            self._session = self._lora()
+            dims = self._lora_dims
         else:
-            self._swap = None
-            if self._lora_graph:
-                self.mode = "unmerged"
-                self._session = self._lora()
-                dims = self._lora_dims
-            else:
-                self.mode = "engines"
-                self._session = self._open(folder / manifest["base"]["engine"])
-                dims = _module_dims(manifest["name_map"]["modules"])
+            self.mode = "engines"
+            self._session = self._open(manifest.base.engine)
+            dims = {m: loc.dims() for m, loc in manifest.name_map.items()}
         self._dims = dims
         self._outputs = [o.name for o in self._session.get_outputs()]
         self._input_types = {i.name: i.type for i in self._session.get_inputs()}
-        self.store = AdapterStore(manifest["base"]["fingerprint"], dims, max_resident)
-        for name, entry in manifest["tasks"].items():
-            self.store.register(name, folder / entry["delta"])
-        self._readers = [0, 0]
-        self._cond = threading.Condition()
-        self._activating = threading.Lock()
-        self._state = _State(None, slot=0 if self._swap else None,
-                             feeds=self._base_feeds() if self.mode == "unmerged" else None)
+        self.store = AdapterStore(DeltaRules(manifest.base.fingerprint, dims, manifest.base.hidden_size),
+                                  max_resident)
+        for name, entry in manifest.tasks.items():  # every delta validated now, not at its first activate
+            delta = self.store.add_file(name, folder, entry.delta, manifest.files[entry.delta], entry.engine,
+                                        entry.swappable)
+            if entry.labels is not None and delta.labels is not None and delta.labels != entry.labels:
+                raise DeploymentError(f"{folder / entry.delta}: its labels {list(delta.labels or [])} differ from "
+                                      f"the manifest's for task {name!r} {list(entry.labels)}; re-export the folder")
+        slot_count = len(self._swap.slots) if self._swap else 0
+        self._readers = [0] * slot_count
+        self._held: list[Any] = [None] * slot_count  # what each slot holds: a TaskDelta, None (W0) or _UNKNOWN
+        self._used = [0] * slot_count  # when each slot was last chosen (LRU among the idle ones)
+        self._clock = 0
+        self._base_feeds = stacked_feeds([], self._dims) if self.mode == "unmerged" else None
+        self._state = _State(None, slot=0 if self._swap else None, feeds=self._base_feeds)
         self._tokenizer: Any = None
         # each task's feeds for base/lora.onnx (unmerged mode, and mixed batches in any mode)
-        self._feeds_cache: dict[str, tuple[Mapping[str, Any], dict[str, np.ndarray]]] = {}
+        self._feeds_cache: dict[str, tuple[TaskDelta, dict[str, np.ndarray]]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | os.PathLike[str], threads: int | None = None, max_resident: int | None = None,
-             provider: str | None = None, spinning: bool = True, unmerged: bool | None = None) -> Runtime:
+             provider: str | None = None, spinning: bool = True, unmerged: bool | None = None, slots: int = 2,
+             verify: bool = False) -> Runtime:
         """Open a deployment folder written by ``edgelora export``. ``threads``: ONNX Runtime intra-op threads
         (and swap workers, up to 4); ``max_resident``: LRU bound on tasks held in memory; ``provider``:
         override the target's execution provider; ``spinning=False``: engine threads never spin, not even
         between the steps of a run (by default they spin during a run and sleep once it returns);
         ``unmerged``: run tasks as LoRA branches on base/lora.onnx (``activate`` switches cached feeds) rather
         than rebuilding weights; default (None): branches for decoders, rebuilt weights for encoders,
-        as measured; either way falls back to what the deployment has."""
-        folder = Path(path)
-        manifest = read_json(folder / MANIFEST, "manifest.json")
-        if manifest.get("format") != SUPPORTED_FORMAT:
-            raise EdgeloraError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this runtime reads "
-                                f"{SUPPORTED_FORMAT}; re-export with this edgelora version")
-        try:
-            return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged)
-        except KeyError as exc:
-            raise EdgeloraError(f"{folder / MANIFEST}: field {exc} is missing; re-run edgelora export") from None
+        as measured; either way falls back to what the deployment has. ``slots`` (swap mode, ≥ 2): weight sets
+        kept built; an app that names tasks per call (``run(task=...)``) can keep one per task to avoid
+        rebuilds (each costs the LoRA targets' size: 7 MB on W1 fp32). ``verify``: also hash every engine
+        against the manifest (size and the small files are always checked).
 
-    def _open(self, path: Path) -> Any:
+        Raises :class:`DeploymentError` (one line, naming the file or field) for a folder that is incomplete,
+        changed since export, malformed, or names paths outside itself."""
+        folder = Path(path)
+        if slots < 2:
+            raise InputError(f"slots = {slots}; the swap needs at least 2 (one active, one to build into)")
+        manifest = read_manifest(folder)
+        check_sizes(folder, manifest.files)
+        if verify:
+            verify_files(folder, manifest.files)
+        return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged, slots)
+
+    def _open(self, rel: str) -> Any:
         import onnxruntime as ort
 
+        path = locate(self.folder, rel, "engine")
         providers = [self.provider] if self.provider == "CPUExecutionProvider" else [self.provider,
                                                                                       "CPUExecutionProvider"]
-        return ort.InferenceSession(str(path), session_options(self.threads, self.spinning), providers=providers)
+        try:
+            return ort.InferenceSession(str(path), session_options(self.threads, self.spinning), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for a file it cannot load
+            raise DeploymentError(f"{self.folder / rel}: ONNX Runtime cannot load this engine ({_first_line(exc)}); "
+                                  f"it is corrupt or from another version: run `edgelora verify {self.folder}` "
+                                  "or re-export") from None
+
+    def _read_w0(self, swap: SwapSpec) -> dict[str, np.ndarray]:
+        """The pristine W0 of the swapped weights: memory-mapped, hashed, float32 and finite, or refused."""
+        where = str(self.folder / swap.w0)
+        tensors, _ = parse(map_file(self.folder, swap.w0, "swap W0 file", self.manifest.files[swap.w0]), where)
+        for name, w in tensors.items():
+            if w.dtype != np.float32 or not np.isfinite(w).all():
+                raise DeploymentError(f"{where}: W0 tensor {name!r} is not finite float32; re-export the folder")
+        return tensors
 
     def _lora(self) -> Any:
-        if self._lora_session is None:
-            if not self._lora_graph:
-                raise EdgeloraError(f"{self.folder}: no base/lora.onnx (the target sets lora_graph = false); "
-                                    "mixed-task batches need it: re-export with a target that writes it")
-            self._lora_session = self._open(self.folder / self._lora_graph["engine"])
-        return self._lora_session
-
-    def _base_feeds(self) -> dict[str, np.ndarray]:
-        return stacked_feeds([], self._dims)
+        with self._cache_lock:
+            if self._lora_session is None:
+                if self._lora_graph is None:
+                    raise EdgeloraError(f"{self.folder}: no base/lora.onnx (the target sets lora_graph = false); "
+                                        "mixed-task batches need it: re-export with a target that writes it")
+                self._lora_session = self._open(self._lora_graph.engine)
+            return self._lora_session
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -178,99 +235,165 @@ class Runtime:
 
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from .text import Tokenizer
+        with self._cache_lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._read_tokenizer()
+            return self._tokenizer
 
-            self._tokenizer = Tokenizer(self.folder / (self.manifest.get("tokenizer") or "tokenizer"))
-        return self._tokenizer
+    def _read_tokenizer(self) -> Any:
+        from .text import Tokenizer
+
+        rel = self.manifest.tokenizer
+        if rel is None:
+            raise InputError(f"{self.folder}: the deployment has no tokenizer; pass input_ids instead of text")
+        files = self.manifest.files
+        data = read_bytes(self.folder, f"{rel}/tokenizer.json", "tokenizer file", files[f"{rel}/tokenizer.json"])
+        cfg = f"{rel}/tokenizer_config.json"
+        config = read_bytes(self.folder, cfg, "tokenizer config", files[cfg]) if cfg in files else None
+        return Tokenizer(data, config, self.max_positions or 512, str(self.folder / rel))
 
     def labels(self, task: str) -> list[str] | None:
-        entry = self.manifest["tasks"].get(task) or {}
-        return entry.get("labels")
+        labels = self._delta(task).labels
+        return list(labels) if labels is not None else None
 
-    def load(self, name: str, path: str | os.PathLike[str]) -> None:
+    def num_labels(self, task: str) -> int | None:
+        """Outputs of the task's classification head (None: no head, the base's outputs as they are)."""
+        return self._delta(task).head_rows
+
+    def load(self, name: str, path: str | os.PathLike[str], labels: Sequence[str] | None = None) -> None:
         """Add (or replace) a task from a delta file, validated now; a bad file raises and changes nothing.
-        Replacing the active task swaps its new weights in."""
-        if not name or "/" in name:
-            raise EdgeloraError(f"task name {name!r} is not usable; use letters, digits, - or _")
+
+        The task's head and label names come with the file (its own, or ``labels``); a file without label
+        names may replace a task only with a head of the same shape (it keeps that task's names). Replacing
+        the active task swaps its new weights, head and labels in together."""
+        if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+            raise InputError(f"task name {name!r} is not usable; use letters, digits, . _ - (up to 128)")
         with self._activating:
-            delta = self.store.load(name, Path(path), protect=self.active)
-            self._feeds_cache.pop(name, None)
+            source, delta = self.store.read(name, Path(path), labels)
+            if self.mode == "engines":
+                raise DeltaError(f"{path}: this deployment runs tasks on their baked engines only (no swap or LoRA "
+                                 "graph), and a loaded delta has none; export the task with the others")
+            if self._needs_engine(delta):
+                raise DeltaError(f"{path}: its head ({', '.join(unsupported(delta.head))}) changes the inside of the "
+                                 "base, which only a baked engine can run, and a loaded delta has none; export it")
+            old = self._replaced(name)
+            if old is not None and delta.labels is None:
+                if old.head_rows != delta.head_rows:
+                    raise DeltaError(f"{path}: its head has {delta.head_rows or 'no'} outputs, task {name!r} has "
+                                     f"{old.head_rows or 'none'} ({', '.join(old.labels or ())}); pass labels=[...] "
+                                     "for the new head, or load it under another name")
+                delta = replace(delta, labels=old.labels)
+            self.store.put(name, source, delta, protect=self.active)
+            with self._cache_lock:
+                self._feeds_cache.pop(name, None)
             if self._state.task == name:
-                self._switch(name, delta)
+                self._commit(self._state_for(name, delta))
+
+    def _replaced(self, name: str) -> TaskDelta | None:
+        """The delta a load of ``name`` replaces (None: a new task, or one whose file went bad)."""
+        if name not in self.store.names:
+            return None
+        try:
+            return self.store.get(name, protect=self.active)
+        except DeltaError:
+            return None
 
     def unload(self, name: str) -> None:
         with self._activating:
             if name == self.active:
                 raise EdgeloraError(f"task {name!r} is active; activate another task before unloading it")
-            self._feeds_cache.pop(name, None)
+            with self._cache_lock:
+                self._feeds_cache.pop(name, None)
             try:
                 self.store.unload(name)
             except KeyError:
                 raise EdgeloraError(f"no task {name!r}; tasks: {', '.join(self.tasks)}") from None
 
     def _delta(self, name: str) -> TaskDelta:
+        if not isinstance(name, str):
+            raise InputError(f"task must be a task name (str), got {type(name).__name__}")
         try:
             delta = self.store.get(name, protect=self.active)
-            for gone in set(self._feeds_cache) - set(self.store.resident):  # the LRU bound covers feeds too
-                self._feeds_cache.pop(gone, None)
-            return delta
         except KeyError:
             raise EdgeloraError(f"no task {name!r}; tasks: {', '.join(self.tasks) or 'none'}") from None
+        with self._cache_lock:
+            for gone in set(self._feeds_cache) - set(self.store.resident):  # the LRU bound covers feeds too
+                self._feeds_cache.pop(gone, None)
+        return delta
 
-    def _needs_engine(self, name: str, delta: TaskDelta) -> bool:
-        entry = self.manifest["tasks"].get(name, {})
-        return entry.get("swappable") is False or bool(unsupported(delta.head)) or self.mode == "engines"
+    def _needs_engine(self, delta: TaskDelta) -> bool:
+        return not delta.swappable or bool(unsupported(delta.head)) or self.mode == "engines"
 
     def activate(self, name: str | None) -> None:
-        """Make ``name`` the task every following ``run`` uses (``None``: the base model). Atomic: a failure
-        (bad delta file, wrong base, wrong shapes) raises and leaves the previous task active. Calls in
-        flight finish on the weights they started with; a swap waits only for calls still reading the
-        idle slot (a ``generate`` that began two swaps ago holds its slot until it ends)."""
+        """Make ``name`` the task every following ``run`` without ``task=`` uses (``None``: the base model).
+        Atomic: a failure (bad delta file, wrong base, wrong shapes) raises and leaves the previous task
+        active. Calls in flight finish on the weights they started with; a swap waits only for calls still
+        reading the slot it rebuilds (a ``generate`` that began two swaps ago holds its slot until it ends)."""
         with self._activating:
-            if name == self._state.task:
+            delta = self._delta(name) if name is not None else None
+            if name == self._state.task and delta is self._state.delta:
                 return
-            self._switch(name, self._delta(name) if name is not None else None)
+            self._commit(self._state_for(name, delta))
 
-    def _switch(self, name: str | None, delta: TaskDelta | None) -> None:
-        if delta is None:
-            self._commit(self._build({}, None, None))
-        elif self._needs_engine(delta.name, delta):
-            self._commit(_State(delta.name, session=self._engine(delta.name), head=None))
-        else:
-            self._commit(self._build(delta.modules, delta.name, delta.head))
+    def _state_for(self, name: str | None, delta: TaskDelta | None) -> _State:
+        """The state that runs ``delta`` (``None``: the base): its slot built if needed, its feeds or engine.
+        The caller holds ``_activating``."""
+        if delta is not None and self._needs_engine(delta):
+            return _State(name, delta, session=self._engine(delta))
+        if self._swap is not None:
+            return _State(name, delta, slot=self._slot_for(delta))
+        if self.mode == "unmerged":
+            return _State(name, delta, feeds=self._branch_feeds(delta) if delta is not None else self._base_feeds)
+        return _State(name, delta)
 
-    def _build(self, modules: Mapping[str, Any], name: str | None, head: Mapping[str, np.ndarray] | None) -> _State:
-        if self._swap is None:
-            feeds = self._branch_feeds(name, modules) if name is not None and modules else self._base_feeds()
-            return _State(name, feeds=feeds, head=head)
-        current = self._state.slot if self._state.slot is not None else 0
-        target = 1 - current
+    def _slot_for(self, delta: TaskDelta | None) -> int:
+        """A slot holding exactly ``delta`` (None: W0): one that already does, else the least recently used slot
+        other than the active one, rebuilt once no run reads it. The caller holds ``_activating``."""
+        self._clock += 1
+        for i, held in enumerate(self._held):
+            if held is delta:
+                self._used[i] = self._clock
+                return i
+        active = self._state.slot
+        victim = min((i for i in range(len(self._held)) if i != active),
+                     key=lambda i: (self._readers[i] > 0, self._used[i]))
         with self._cond:
-            while self._readers[target]:
+            while self._readers[victim]:
                 self._cond.wait()
-        self._swap.build(self._swap.slots[target], modules)
-        return _State(name, slot=target, head=head)
+        self._held[victim] = _UNKNOWN  # a failure half-way leaves it unusable until rebuilt
+        self._swap.build(self._swap.slots[victim], delta.modules if delta is not None else {})  # type: ignore[union-attr]
+        self._held[victim] = delta
+        self._used[victim] = self._clock
+        return victim
 
     def _commit(self, state: _State) -> None:
         with self._cond:
             self._state = state
 
-    def _engine(self, name: str) -> Any:
-        if name not in self._engines:
-            entry = self.manifest["tasks"][name]
-            if not entry.get("engine"):
-                raise EdgeloraError(f"task {name!r} cannot be swapped ({entry.get('not_swappable_reason')}) and the "
-                                    "target wrote no baked engine for it; export with bake_task_engines = true")
-            self._engines[name] = self._open(self.folder / entry["engine"])
-        return self._engines[name]
+    def _engine(self, delta: TaskDelta) -> Any:
+        if delta.engine is None:
+            raise EdgeloraError(f"task {delta.name!r} cannot be swapped (not a pure W0 + s·B·A update) and has no "
+                                "baked engine; export with bake_task_engines = true")
+        with self._cache_lock:
+            if delta.engine not in self._engines:
+                self._engines[delta.engine] = self._open(delta.engine)
+            return self._engines[delta.engine]
 
     # ------------------------------------------------------------------ running
-    def _acquire(self) -> _State:
+    def _acquire(self, task: str | None) -> _State:
+        """The state a call runs on, held (its slot cannot be rebuilt) until :meth:`_release`: the active one,
+        or ``task``'s (the active state when it is that task, else built without changing the active task)."""
         with self._cond:
             state = self._state
+            if task is None or state.task == task:
+                if state.slot is not None:
+                    self._readers[state.slot] += 1
+                return state
+        with self._activating:
+            state = self._state_for(task, self._delta(task))
             if state.slot is not None:
-                self._readers[state.slot] += 1
+                with self._cond:
+                    self._readers[state.slot] += 1
             return state
 
     def _release(self, state: _State) -> None:
@@ -281,62 +404,132 @@ class Runtime:
                     self._cond.notify_all()
 
     def _inputs(self, text: str | Sequence[str] | None, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Feeds for the engine, every input checked first (dtype, rank, shape, id range, positions)."""
         if text is not None:
+            clash = sorted({"input_ids", "attention_mask", "token_type_ids"} & set(inputs))
+            if clash:
+                raise InputError(f"pass text or {', '.join(clash)}, not both")
             inputs = {**self.tokenizer.encode(text), **inputs}
-        if "input_ids" not in inputs:
-            raise EdgeloraError("run needs input_ids (or text=...)")
-        ids = np.asarray(inputs["input_ids"], dtype=np.int64)
+        unknown = sorted(set(inputs) - set(self.io.inputs) - {"token_type_ids"})
+        if unknown:
+            raise InputError(f"unknown input(s) {', '.join(unknown)}; the engine takes {', '.join(self.io.inputs)}")
+        if inputs.get("input_ids") is None:
+            raise InputError("run needs input_ids (or text=...)")
+        ids = _ints(inputs["input_ids"], "input_ids")
         if ids.ndim == 1:
             ids = ids[None, :]
-        feeds = {"input_ids": ids}
-        mask = inputs.get("attention_mask")
-        feeds["attention_mask"] = np.ones_like(ids) if mask is None else np.asarray(mask, np.int64).reshape(
-            ids.shape[0], -1)
-        if self.kind == "causal-lm":
-            past_len = feeds["attention_mask"].shape[1] - ids.shape[1]
-            for name in self.io["inputs"]:
-                if name.startswith("past_key_values."):
-                    value = inputs.get(name)
-                    if value is None:
-                        if past_len:
-                            raise EdgeloraError(f"attention_mask covers {past_len} past tokens but {name} is missing")
-                        dtype = np.float16 if "float16" in self._input_types.get(name, "") else np.float32
-                        value = np.zeros((ids.shape[0], self.io["num_kv_heads"], 0, self.io["head_dim"]), dtype)
-                    feeds[name] = value
-        unknown = set(inputs) - set(feeds) - set(self.io["inputs"])
-        if unknown:
-            raise EdgeloraError(f"unknown input(s) {', '.join(sorted(unknown))}; the engine takes "
-                                f"{', '.join(self.io['inputs'])}")
+        if ids.ndim != 2 or 0 in ids.shape:
+            raise InputError(f"input_ids has shape {list(ids.shape)}; pass (batch, sequence) or (sequence,) with "
+                             "at least one token")
+        vocab = self.manifest.base.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            row, col = (int(x) for x in np.argwhere(ids == (lo if lo < 0 else hi))[0])
+            raise InputError(f"input_ids[{row}, {col}] = {lo if lo < 0 else hi} is outside the vocabulary "
+                             f"0..{vocab - 1}; use this deployment's tokenizer")
+        ids = ids.astype(np.int64, copy=False)
+        batch, seq = ids.shape
+        past, past_len = self._past(inputs, batch)
+        if self.max_positions is not None and past_len + seq > self.max_positions:
+            raise InputError(f"{past_len + seq} tokens exceed the base's {self.max_positions} positions; shorten the "
+                             "input (text= is truncated to fit)")
+        feeds = {"input_ids": ids, "attention_mask": self._mask(inputs.get("attention_mask"), batch, past_len + seq)}
+        if inputs.get("token_type_ids") is not None:
+            segments = _ints(inputs["token_type_ids"], "token_type_ids")
+            segments = segments[None, :] if segments.ndim == 1 else segments
+            if segments.shape != ids.shape:
+                raise InputError(f"token_type_ids has shape {list(segments.shape)}; it must be input_ids' "
+                                 f"{[batch, seq]}")
+            if "token_type_ids" in self.io.inputs:
+                feeds["token_type_ids"] = segments.astype(np.int64, copy=False)
+            elif segments.any():
+                raise InputError("token_type_ids holds segments other than 0, but this engine takes one segment "
+                                 "(it was exported without token_type_ids); pass single-segment input")
+        feeds.update(past)
         return feeds
 
-    def _run_state(self, state: _State, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if state.session is not None:
-            sess = state.session
-            names = [o.name for o in sess.get_outputs()]
+    def _mask(self, mask: Any, batch: int, width: int) -> np.ndarray:
+        if mask is None:
+            return np.ones((batch, width), np.int64)
+        m = _ints(mask, "attention_mask", bools=True)
+        if m.ndim == 1 and batch == 1:
+            m = m[None, :]
+        if m.shape != (batch, width):
+            raise InputError(f"attention_mask has shape {list(m.shape)}; it must be {[batch, width]} (one entry per "
+                             "token, past tokens included)")
+        if ((m != 0) & (m != 1)).any():
+            raise InputError("attention_mask must hold only 0 and 1")
+        return m.astype(np.int64, copy=False)
+
+    def _past(self, inputs: Mapping[str, Any], batch: int) -> tuple[dict[str, np.ndarray], int]:
+        """Decoders: the KV cache inputs (all given, checked, or all empty) and the past length."""
+        if self.kind != "causal-lm":
+            return {}, 0
+        names = [n for n in self.io.inputs if n.startswith("past_key_values.")]
+        given = [n for n in names if inputs.get(n) is not None]
+        out: dict[str, np.ndarray] = {}
+        if not given:
+            for n in names:
+                dtype = np.float16 if "float16" in self._input_types.get(n, "") else np.float32
+                out[n] = np.zeros((batch, self.io.num_kv_heads, 0, self.io.head_dim), dtype)
+            return out, 0
+        if len(given) != len(names):
+            raise InputError(f"pass all {len(names)} past_key_values.* inputs or none (got {len(given)})")
+        lengths = set()
+        for n in names:
+            a = np.asarray(inputs[n])
+            want = np.float16 if "float16" in self._input_types.get(n, "") else np.float32
+            if a.dtype != want or a.ndim != 4 or a.shape[0] != batch or a.shape[1] != self.io.num_kv_heads \
+                    or a.shape[3] != self.io.head_dim:
+                raise InputError(f"{n} is {a.dtype} {list(a.shape)}; it must be {np.dtype(want)} "
+                                 f"[{batch}, {self.io.num_kv_heads}, past, {self.io.head_dim}]")
+            lengths.add(a.shape[2])
+            out[n] = a
+        if len(lengths) != 1:
+            raise InputError("past_key_values.* inputs disagree on the past length; pass one cache")
+        return out, lengths.pop()
+
+    def _session_run(self, sess: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        try:
             return dict(zip(names, sess.run(None, dict(feeds)), strict=True))
-        extra: Mapping[str, np.ndarray] = state.feeds if state.feeds is not None else \
-            self._swap.slots[state.slot].arrays  # type: ignore[union-attr]
-        out = dict(zip(self._outputs, self._session.run(None, {**feeds, **extra}), strict=True))
-        if self.headless and state.head:
-            return apply_head(state.head, out, feeds["attention_mask"])
+        except Exception as exc:  # onnxruntime's own exception types; inputs were checked, so this is the engine
+            raise EdgeloraError(f"{self.folder}: the engine failed on this input ({_first_line(exc)}); "
+                                f"run `edgelora verify {self.folder}`") from None
+
+    def _run_state(self, state: _State, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if state.session is not None:  # a task on its baked engine
+            return self._session_run(state.session, feeds, [o.name for o in state.session.get_outputs()])
+        extra: Mapping[str, np.ndarray] = {}
+        if state.feeds is not None:
+            extra = state.feeds
+        elif state.slot is not None:
+            extra = self._swap.slots[state.slot].arrays  # type: ignore[union-attr]
+        out = self._session_run(self._session, {**feeds, **extra}, self._outputs)
+        if self.headless and state.delta is not None and state.delta.head:
+            return apply_head(state.delta.head, out, feeds["attention_mask"])
         return out
 
-    def _branch_feeds(self, name: str, modules: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def _branch_feeds(self, delta: TaskDelta) -> dict[str, np.ndarray]:
         """The task's feeds for base/lora.onnx, built once per resident task (and per loaded delta: a
         mixed batch racing a `load` of the same name never caches the old delta's feeds as the new one's)."""
-        cached = self._feeds_cache.get(name)
-        if cached is None or cached[0] is not modules:
-            cached = self._feeds_cache[name] = (modules, stacked_feeds([modules], self._lora_dims or self._dims))
-        return cached[1]
+        with self._cache_lock:
+            cached = self._feeds_cache.get(delta.name)
+            if cached is None or cached[0] is not delta:
+                cached = self._feeds_cache[delta.name] = (delta, stacked_feeds([delta.modules],
+                                                                                self._lora_dims or self._dims))
+            return cached[1]
 
     def run(self, text: str | Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-            **inputs: Any) -> dict[str, np.ndarray]:
-        """Outputs of the active task for ``input_ids``/``attention_mask`` (or ``text``); with ``tasks`` (one
-        name per row), a mixed-task batch on the LoRA-branch graph."""
+            task: str | None = None, **inputs: Any) -> dict[str, np.ndarray]:
+        """Outputs for ``input_ids``/``attention_mask`` (or ``text``) under ``task`` (default: the active task);
+        with ``tasks`` (one name per row), a mixed-task batch on the LoRA-branch graph. Naming ``task`` runs
+        that task without changing the active one."""
         feeds = self._inputs(text, inputs)
         if tasks is not None:
+            if task is not None:
+                raise InputError("pass task= (one task) or tasks= (one per row), not both")
             return self._run_mixed(list(tasks), feeds)
-        state = self._acquire()
+        state = self._acquire(task)
         try:
             return self._run_state(state, feeds)
         finally:
@@ -345,19 +538,19 @@ class Runtime:
     def _run_mixed(self, tasks: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = feeds["input_ids"].shape[0]
         if len(tasks) != rows:
-            raise EdgeloraError(f"tasks has {len(tasks)} names for {rows} rows; give one task per row")
+            raise InputError(f"tasks has {len(tasks)} names for {rows} rows; give one task per row")
         names = list(dict.fromkeys(tasks))
+        if self.mode == "engines":
+            raise EdgeloraError(f"{self.folder}: no base/lora.onnx; mixed-task batches need a target with lora_graph")
         deltas = []
         for name in names:
             delta = self._delta(name)
-            if self._needs_engine(name, delta) and self.mode != "engines":
+            if self._needs_engine(delta):
                 raise EdgeloraError(f"task {name!r} runs on its baked engine only; it cannot share a mixed batch")
             deltas.append(delta)
-        if self.mode == "engines":
-            raise EdgeloraError(f"{self.folder}: no base/lora.onnx; mixed-task batches need a target with lora_graph")
         sess = self._lora()
-        extra = concat_feeds([self._branch_feeds(d.name, d.modules) for d in deltas], [names.index(t) for t in tasks])
-        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, **extra}), strict=True))
+        extra = concat_feeds([self._branch_feeds(d) for d in deltas], [names.index(t) for t in tasks])
+        out = self._session_run(sess, {**feeds, **extra}, [o.name for o in sess.get_outputs()])
         if not (self.headless and any(d.head for d in deltas)):
             return out
         per_row = [apply_head(deltas[names.index(t)].head, {k: v[i:i + 1] for k, v in out.items()},
@@ -368,32 +561,52 @@ class Runtime:
             logits[i, : r["logits"].shape[1]] = r["logits"][0]
         return {"logits": logits}
 
-    def classify(self, text: str | Sequence[str]) -> list[tuple[str, float]]:
-        """(label, probability) per text for the active classification task."""
-        logits = self.run(text=text)["logits"]
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    def predict(self, text: str | Sequence[str] | None = None, task: str | None = None, **inputs: Any) -> Prediction:
+        """Classification with everything from one state: the task it ran under (``task`` or the active one),
+        its logits, probabilities and that task's label names."""
+        feeds = self._inputs(text, inputs)
+        state = self._acquire(task)
+        try:
+            out = self._run_state(state, feeds)
+        finally:
+            self._release(state)
+        logits = out.get("logits")
+        if logits is None or logits.ndim != 2:
+            raise InputError(f"{'task ' + repr(state.task) if state.task else 'the base model'} has no "
+                             "classification head; use run() for its outputs")
+        z = logits.astype(np.float64)
+        probs = np.exp(z - z.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        labels = self.labels(self.active) if self.active else None
-        best = probs.argmax(axis=1)
-        return [((labels[i] if labels else str(i)), float(p[i])) for i, p in zip(best, probs, strict=True)]
+        return Prediction(state.task, state.delta.labels if state.delta else None, logits, probs)
+
+    def classify(self, text: str | Sequence[str], task: str | None = None) -> list[tuple[str, float]]:
+        """(label, probability) per text for ``task`` (default: the active task); label names and
+        probabilities come from the same task even while another thread switches tasks."""
+        if isinstance(text, (list, tuple)) and not text:
+            return []
+        return self.predict(text=text, task=task).top()
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stream: Callable[[int], Any] | None = None, seed: int | None = None,
-                 eos_token_id: int | None = None) -> list[int]:
+                 eos_token_id: int | None = None, task: str | None = None) -> list[int]:
         """New token ids after ``prompt_ids`` (one sequence), incrementally through the KV cache. The whole
-        generation uses the task that was active when it started."""
+        generation uses ``task`` (default: the task active when it starts)."""
         if self.kind != "causal-lm":
-            raise EdgeloraError(f"generate needs a causal-lm deployment; this one is {self.kind}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise EdgeloraError("temperature must be >= 0 and top_p in (0, 1]")
-        ids = np.asarray(prompt_ids, np.int64).reshape(1, -1)
-        if ids.shape[1] == 0:
-            raise EdgeloraError("generate needs at least one prompt token")
+            raise InputError(f"generate needs a causal-lm deployment; this one is {self.kind}")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0) or not (
+                isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise InputError("temperature must be >= 0 and top_p in (0, 1]")
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens = {max_new_tokens!r}; pass an integer ≥ 0")
+        ids = _ints(prompt_ids, "prompt_ids").reshape(1, -1)
+        if self.max_positions is not None and ids.shape[1] + max_new_tokens > self.max_positions:
+            raise InputError(f"a prompt of {ids.shape[1]} tokens + {max_new_tokens} new ones exceed the base's "
+                             f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens")
+        feeds = self._inputs(None, {"input_ids": ids})
         rng = np.random.default_rng(seed)
-        state = self._acquire()
+        state = self._acquire(task)
         try:
-            feeds = self._inputs(None, {"input_ids": ids})
             new: list[int] = []
             total = ids.shape[1]
             for _ in range(max_new_tokens):
@@ -406,7 +619,7 @@ class Runtime:
                     break
                 total += 1
                 feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
-                for i in range(self.io["num_layers"]):
+                for i in range(self.io.num_layers):
                     for kv in ("key", "value"):
                         feeds[f"past_key_values.{i}.{kv}"] = out[f"present.{i}.{kv}"]
             return new
@@ -414,10 +627,19 @@ class Runtime:
             self._release(state)
 
     # ------------------------------------------------------------------ measuring
+    def _forget_built(self) -> None:
+        """Benchmarks only: treat every slot but the active one as holding nothing, so the next switch rebuilds
+        (times what switching to a task no slot holds costs; the slots' contents are left as they are)."""
+        with self._activating:
+            for i in range(len(self._held)):
+                if i != self._state.slot:
+                    self._held[i] = _UNKNOWN
+
     def benchmark(self, runs: int = 30, swaps: int = 30, sequence: int | None = None) -> dict[str, Any]:
-        """Median ``run`` latency (active task) and median ``activate`` time cycling through the tasks."""
-        seq = sequence or int(self.manifest["target"]["shapes"]["sequence"])
-        ids = np.random.default_rng(0).integers(5, int(self.manifest["base"]["vocab_size"]), (1, seq))
+        """Median ``run`` latency (active task) and median ``activate`` time cycling through the tasks and the
+        base, each switch a rebuild (as to a task no slot holds)."""
+        seq = sequence or self.manifest.target.sequence
+        ids = np.random.default_rng(0).integers(5, self.manifest.base.vocab_size, (1, seq))
         for _ in range(3):
             self.run(input_ids=ids)
         run_ms = []
@@ -426,12 +648,12 @@ class Runtime:
             self.run(input_ids=ids)
             run_ms.append((time.perf_counter() - t) * 1e3)
         act_ms = []
-        order = self.tasks or [None]
+        order: list[str | None] = [*self.tasks, None]
         start = self.active
         for i in range(swaps):
-            name = order[i % len(order)] if len(order) > 1 else (order[0] if i % 2 else None)
+            self._forget_built()
             t = time.perf_counter()
-            self.activate(name)
+            self.activate(order[i % len(order)])
             act_ms.append((time.perf_counter() - t) * 1e3)
         self.activate(start)
         return {"mode": self.mode, "run_median_ms": float(np.median(run_ms)),
@@ -439,9 +661,19 @@ class Runtime:
                 "threads": self.threads}
 
 
-def _module_dims(modules: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """{module: (in, out)} from a manifest's module -> weight-location map."""
-    return {m: Location.from_json(d).dims(tuple(d["shape"])) for m, d in modules.items()}
+def _ints(value: Any, name: str, bools: bool = False) -> np.ndarray:
+    """``value`` as an integer array, or an InputError: floats would be truncated, object arrays are not ids."""
+    a = np.asarray(value)
+    if a.size == 0:
+        raise InputError(f"{name} is empty; pass at least one token")
+    if a.dtype.kind not in ("iub" if bools else "iu"):
+        raise InputError(f"{name} has dtype {a.dtype}; pass integers (e.g. numpy int64), not floats or objects")
+    return a
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:160] if text else type(exc).__name__).replace("\n", " ")
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

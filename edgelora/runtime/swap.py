@@ -7,7 +7,7 @@ the new task's: never by subtracting the old task, always ``W0`` + the new delta
 weight (every LoRA slice of a packed q/k/v weight at once, zeros elsewhere) is one GEMM into a scratch
 buffer, then one contiguous ``np.add(W0, ΔW, out=buffer)``: contiguous passes run at memory speed,
 where numpy over strided slices measured 2-3x slower. The GEMM is computed in the layout the weight is
-fed in (``Location.transposed``: (in, out), else (out, in), which fp32 swap graphs use), the layout the
+fed in (``WeightLocation.transposed``: (in, out), else (out, in), which fp32 swap graphs use), the layout the
 exporter merged that weight in, so a rebuilt weight is the baked engine's bit for bit.
 
 Recipes (per weight, from the manifest): ``float32``; ``float16`` (cast); ``int8`` (ONNX Runtime's
@@ -25,12 +25,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from threading import Lock
-from typing import Any
 
 import numpy as np
 
 from ..deploy import DeltaModule
-from .files import EdgeloraError
+from ..errors import DeploymentError
+from ..format.location import WeightLocation
+from ..format.manifest import SwapWeight
 
 
 def int8_per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,32 +130,6 @@ def int8_per_column_into(w: np.ndarray, q_out: np.ndarray) -> np.ndarray:
     return scale
 
 
-@dataclass(frozen=True)
-class Location:
-    """A module's W0 inside a fed weight: whole or a slice of the output axis, stored (in, out) when transposed."""
-
-    weight: str
-    transposed: bool
-    slice: tuple[int, int] | None
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Location:
-        return cls(str(d["initializer"]), bool(d["transposed"]), tuple(d["slice"]) if d.get("slice") else None)
-
-    @property
-    def layout(self) -> str:
-        """The ``LAYOUTS`` key ΔW is computed in for this weight (the exporter merges it the same way)."""
-        return "in_out" if self.transposed else "out_in"
-
-    def dims(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """(in, out) of the layer."""
-        rows, cols = shape
-        if self.slice is not None:
-            width = self.slice[1] - self.slice[0]
-            return (rows, width) if self.transposed else (cols, width)
-        return (rows, cols) if self.transposed else (cols, rows)
-
-
 @dataclass
 class Slot:
     """One set of fed weights: ``arrays`` (input name -> buffer) and the weights that differ from W0."""
@@ -164,26 +139,25 @@ class Slot:
 
 
 class SwapWeights:
-    """The fed weights, their pristine W0 and the two slots. ``threads``: workers for a rebuild (numpy
-    releases the GIL in its loops, so weights are rebuilt in parallel)."""
+    """The fed weights, their pristine W0 and the slots (two by default: the active one and one to build the
+    next task into; more let an app that names its task per call keep several tasks built). ``threads``:
+    workers for a rebuild (numpy releases the GIL in its loops, so weights are rebuilt in parallel)."""
 
-    def __init__(self, spec: Mapping[str, Any], w0: Mapping[str, np.ndarray], locations: Mapping[str, Location],
-                 threads: int = 1) -> None:
-        self.spec = {name: dict(entry) for name, entry in spec["weights"].items()}
+    def __init__(self, weights: Mapping[str, SwapWeight], w0: Mapping[str, np.ndarray],
+                 locations: Mapping[str, WeightLocation], threads: int = 1, slots: int = 2) -> None:
+        self.spec = dict(weights)
         self.w0 = {k: np.asarray(v) for k, v in w0.items()}  # plain views of the memory map (no subclass per op)
-        self.locations = {m: loc for m, loc in locations.items() if loc.weight in self.spec}
+        self.locations = {m: loc for m, loc in locations.items() if loc.initializer in self.spec}
         for name, entry in self.spec.items():
-            if name not in self.w0 or list(self.w0[name].shape) != list(entry["shape"]):
-                raise EdgeloraError(f"swap weights file lacks {name} {entry['shape']}; re-run edgelora export")
-            if entry["recipe"] not in ("float32", "float16", "int8"):
-                raise EdgeloraError(f"swap weight {name}: recipe {entry['recipe']!r} is unknown to this runtime; "
-                                    "update edgelora")
+            w = self.w0.get(name)
+            if w is None or w.shape != entry.shape or w.dtype != np.float32:
+                raise DeploymentError(f"swap W0 file lacks {name} as float32 {list(entry.shape)}; re-run edgelora "
+                                      "export")
         self.modules_of: dict[str, list[str]] = {}
         for module, loc in sorted(self.locations.items()):
-            self.modules_of.setdefault(loc.weight, []).append(module)
+            self.modules_of.setdefault(loc.initializer, []).append(module)
         self._base = self._encode_all()  # W0 in each recipe's encoding, to reset untouched weights
-        self.slots = [Slot({k: np.array(v, copy=True) for k, v in self._base.items()}),
-                      Slot({k: np.array(v, copy=True) for k, v in self._base.items()})]
+        self.slots = [Slot({k: np.array(v, copy=True) for k, v in self._base.items()}) for _ in range(max(2, slots))]
         self._scratch: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}  # (share, shape) -> buffer
         self._shares = max(1, threads)
         # the calling thread builds share 0 itself, ``threads - 1`` workers the others: one thread and one
@@ -191,16 +165,16 @@ class SwapWeights:
         self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="edgelora-swap") if threads > 1 else None
 
     def dims(self) -> dict[str, tuple[int, int]]:
-        return {m: loc.dims(tuple(self.w0[loc.weight].shape)) for m, loc in self.locations.items()}
+        return {m: loc.dims() for m, loc in self.locations.items()}
 
     def _encode_all(self) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
         for name, entry in self.spec.items():
             w0 = np.asarray(self.w0[name], np.float32)
-            inputs = entry["inputs"]
-            if entry["recipe"] == "float32":
+            inputs = entry.inputs
+            if entry.recipe == "float32":
                 arrays[inputs["weight"]] = w0  # the memory-mapped pristine W0 itself: no extra copy
-            elif entry["recipe"] == "float16":
+            elif entry.recipe == "float16":
                 arrays[inputs["weight"]] = w0.astype(np.float16)
             else:
                 arrays[inputs["weight"]], arrays[inputs["scale"]] = int8_per_column(w0)
@@ -248,25 +222,25 @@ class SwapWeights:
 
     def _apply(self, slot: Slot, name: str, mods: list[str], delta: np.ndarray | None, share: int) -> None:
         entry = self.spec[name]
-        inputs = entry["inputs"]
+        inputs = entry.inputs
         if delta is None:  # back to W0
             for key in inputs.values():
                 np.copyto(slot.arrays[key], self._base[key])
             slot.dirty.discard(name)
             return
         w0 = self.w0[name]
-        if entry["recipe"] == "float32":
+        if entry.recipe == "float32":
             # one contiguous pass, W0 + ΔW (measured: beats row blocks, numpy's per-call cost outweighs the cache win)
             np.add(w0, delta, out=slot.arrays[inputs["weight"]])
             return
-        if entry["recipe"] == "float16":
+        if entry.recipe == "float16":
             np.add(w0, delta, out=delta)
             np.copyto(slot.arrays[inputs["weight"]], delta, casting="same_kind")
             return
         # int8: per-column scales, so only the columns this task touches are re-quantized; the others
         # get W0's encoding back (they may hold the previous task's).
         if any(not self.locations[m].transposed for m in mods):
-            raise EdgeloraError(f"{name}: int8 swaps need a (in, out) weight; re-run edgelora export")
+            raise DeploymentError(f"{name}: int8 swaps need a (in, out) weight; re-run edgelora export")
         q_buf, s_buf = slot.arrays[inputs["weight"]], slot.arrays[inputs["scale"]]
         q_base, s_base = self._base[inputs["weight"]], self._base[inputs["scale"]]
         touched = np.zeros(w0.shape[1], bool)

@@ -1,45 +1,63 @@
 """Text in, ids out (and back): the deployment's ``tokenizer/tokenizer.json`` through the ``tokenizers``
-package (Rust, no transformers), with the padding and truncation the engines expect."""
+package (Rust, no transformers), with the padding and truncation the engines expect.
+
+The runtime hands over the files' bytes, already checked against the manifest's sha256; a file the
+``tokenizers`` package cannot parse is a one-line :class:`DeploymentError`, not the library's exception.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeloraError
+from ..errors import DeploymentError, InputError
 
 
 class Tokenizer:
-    def __init__(self, folder: Path, max_length: int = 512) -> None:
+    def __init__(self, tokenizer_json: bytes, config_json: bytes | None, max_length: int, where: str) -> None:
         from tokenizers import Tokenizer as _Tok
 
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise EdgeloraError(f"{path}: no tokenizer.json in the deployment; pass input_ids instead of text")
-        self._tok = _Tok.from_file(str(path))
-        self._tok.no_padding()  # padding and truncation are done here, the same for every tokenizer file
-        self._tok.no_truncation()
-        config = {}
-        if (folder / "tokenizer_config.json").is_file():
-            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        self.max_length = min(int(config.get("model_max_length") or max_length), max_length)
-        pad = config.get("pad_token") or config.get("eos_token")
-        if isinstance(pad, dict):
-            pad = pad.get("content")
-        self.pad_id = self._tok.token_to_id(pad) if isinstance(pad, str) else None
-        eos = config.get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        self.eos_id = self._tok.token_to_id(eos) if isinstance(eos, str) else None
+        try:
+            self._tok = _Tok.from_str(tokenizer_json.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises its own Rust-side exception types for a bad file
+            raise DeploymentError(f"{where}/tokenizer.json: the tokenizers package cannot read it "
+                                  f"({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}); "
+                                  "re-export the folder") from None
+        self._tok.no_padding()  # padding is done here, the same for every tokenizer file
+        config: dict = {}
+        if config_json is not None:
+            try:
+                config = json.loads(config_json)
+            except (ValueError, RecursionError):
+                config = None  # type: ignore[assignment]
+            if not isinstance(config, dict):
+                raise DeploymentError(f"{where}/tokenizer_config.json is not a JSON object; re-export the folder")
+        limit = config.get("model_max_length")
+        self.max_length = min(limit, max_length) if isinstance(limit, int) and limit > 0 else max_length
+        # long texts are cut to the engine's positions by the tokenizer itself, which keeps the special tokens
+        # ([CLS] … [SEP]) as transformers' truncation=True does, rather than cutting [SEP] off
+        self._tok.enable_truncation(self.max_length)
+        self.pad_id = self._token_id(config.get("pad_token") or config.get("eos_token"))
+        self.eos_id = self._token_id(config.get("eos_token"))
+
+    def _token_id(self, token: object) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        return self._tok.token_to_id(token) if isinstance(token, str) else None
 
     def encode(self, texts: str | Sequence[str], special_tokens: bool = True) -> dict[str, np.ndarray]:
-        """Right-padded ``input_ids`` / ``attention_mask`` (int64) for one text or a batch."""
+        """Right-padded ``input_ids`` / ``attention_mask`` (int64) for one text or a batch, each text cut to
+        the engine's ``max_length`` tokens."""
         batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch:
+            raise InputError("text is an empty list; pass at least one string")
+        bad = next((t for t in batch if not isinstance(t, str)), None)
+        if bad is not None:
+            raise InputError(f"text holds a {type(bad).__name__}, not a string; pass strings (or input_ids)")
         encs = [self._tok.encode(t, add_special_tokens=special_tokens) for t in batch]
-        ids = [e.ids[: self.max_length] for e in encs]
+        ids = [e.ids for e in encs]
         width = max(1, max(len(i) for i in ids))
         out = np.full((len(ids), width), self.pad_id or 0, np.int64)
         mask = np.zeros((len(ids), width), np.int64)

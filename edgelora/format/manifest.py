@@ -1,0 +1,299 @@
+"""``manifest.json`` as the runtime reads it: typed, and checked field by field before anything uses it.
+
+A deployment folder may come from anywhere. :func:`parse_manifest` turns its JSON into frozen dataclasses
+or raises one :class:`DeploymentError` naming the field (``tasks.sst2.delta``), what it holds and what it
+must hold: a list where an object belongs, a number where a path belongs, a path that leaves the folder, a
+file the ``files`` table does not list. After it returns, every field the runtime uses has its type.
+
+Fields the runtime does not use (report numbers, adapter hashes, the target's quantization recipe) stay
+in ``Manifest.raw`` as written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DeploymentError
+from .files import FileEntry, check_relative, parse_file_entry, read_bytes
+from .location import WeightLocation
+
+FORMAT_VERSION = 3  # 3: sha256 + size of every file, labels in each delta, max_positions of the base
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+RECIPES = ("float32", "float16", "int8")  # how the runtime re-encodes a rebuilt weight (runtime/swap.py)
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class EngineIO:
+    """How an engine is fed and read: its kind (``encoder``, ``causal-lm``, ``sequence-classification``),
+    input and output names, and for decoders the KV cache's geometry."""
+
+    kind: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    name: str
+    fingerprint: str
+    engine: str
+    io: EngineIO
+    headless: bool
+    vocab_size: int
+    max_positions: int | None  # None: the base has no fixed limit
+    hidden_size: int | None  # width of the states a task head reads
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    provider: str
+    precision: str
+    sequence: int  # [shapes] sequence: what engines were verified and timed at
+
+
+@dataclass(frozen=True)
+class LoraGraph:
+    engine: str
+    inputs: Mapping[str, tuple[str, str]]  # module -> (A input, B input)
+    modules: Mapping[str, WeightLocation]
+
+
+@dataclass(frozen=True)
+class SwapWeight:
+    recipe: str  # one of RECIPES
+    inputs: Mapping[str, str]  # "weight" (and "scale" for int8) -> graph input name
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SwapSpec:
+    engine: str
+    w0: str
+    modules: Mapping[str, WeightLocation]
+    weights: Mapping[str, SwapWeight]
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    name: str
+    delta: str
+    labels: tuple[str, ...] | None
+    num_labels: int | None
+    swappable: bool
+    not_swappable_reason: str | None
+    engine: str | None
+    engine_io: EngineIO | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: int
+    task: str
+    base: BaseInfo
+    target: TargetInfo
+    tokenizer: str | None
+    name_map: Mapping[str, WeightLocation]
+    lora_graph: LoraGraph | None
+    swap: SwapSpec | None
+    tasks: Mapping[str, TaskEntry]
+    files: Mapping[str, FileEntry]
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def files_under(self, folder: str) -> dict[str, FileEntry]:
+        prefix = folder.rstrip("/") + "/"
+        return {p: e for p, e in self.files.items() if p.startswith(prefix)}
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """``folder/manifest.json``, read (a regular file, bounded size) and parsed by :func:`parse_manifest`."""
+    data = read_bytes(folder, MANIFEST, "manifest.json", None, limit=MAX_MANIFEST_BYTES)
+    where = str(folder / MANIFEST)
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise DeploymentError(f"{where}: not valid JSON ({str(exc)[:80]}); re-export the folder") from None
+    return parse_manifest(raw, where)
+
+
+def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
+    """Check every field the runtime uses; one-line :class:`DeploymentError` naming the first bad one."""
+    top = _Fields(raw, "", where)
+    fmt = top.get("format", _is_int, "an integer")
+    if fmt != FORMAT_VERSION:
+        raise DeploymentError(f"{where}: format {fmt}, this runtime reads {FORMAT_VERSION}; re-export with this "
+                              "edgelora version")
+    files = {check_relative(rel, f"files[{rel!r:.40}]", where): parse_file_entry(v, f"files.{rel}", where)
+             for rel, v in top.sub("files").d.items()}
+    base = _base(top.sub("base"))
+    target = top.sub("target")
+    shapes = target.sub("shapes")
+    tgt = TargetInfo(target.text("name"), target.text("provider"), target.text("precision"),
+                     shapes.get("sequence", lambda v: _is_int(v) and v >= 1, "a positive integer"))
+    name_map = _locations(top.sub("name_map").sub("modules"))
+    lora = _lora_graph(top.sub("lora_graph")) if top.has("lora_graph") else None
+    swap = _swap(top.sub("swap")) if top.has("swap") else None
+    tasks_f = top.sub("tasks")
+    tasks = {name: _task(name, tasks_f.sub(name)) for name in tasks_f.d}
+    tokenizer = top.path("tokenizer") if top.has("tokenizer") else None
+    manifest = Manifest(fmt, top.text("task"), base, tgt, tokenizer, name_map, lora, swap, tasks, files, raw)
+    _check_listed(manifest, where)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def _base(f: _Fields) -> BaseInfo:
+    fp = f.get("fingerprint", lambda v: isinstance(v, str) and _HEX64.fullmatch(v), "a sha256 hex digest")
+    io = _io(f.sub("io"))
+    if io.kind not in ("encoder", "causal-lm"):
+        raise f.error("io.kind", io.kind, "'encoder' or 'causal-lm'")
+    positive = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+    return BaseInfo(f.text("name"), fp, f.path("engine"), io, f.get("headless", _is_bool, "true or false"),
+                    f.get("vocab_size", *positive), f.get("max_positions", *positive, optional=True),
+                    f.get("hidden_size", *positive, optional=True))
+
+
+def _io(f: _Fields) -> EngineIO:
+    names = (lambda v: isinstance(v, list) and v and all(isinstance(x, str) and x for x in v), "a list of names")
+    io = EngineIO(f.text("kind"), tuple(f.get("inputs", *names)), tuple(f.get("outputs", *names)),
+                  *(f.get(k, lambda v: _is_int(v) and 0 <= v <= 1 << 16, "an integer in 0..65536")
+                    for k in ("num_layers", "num_kv_heads", "head_dim")))
+    if io.kind == "causal-lm" and not (io.num_layers and io.num_kv_heads and io.head_dim):
+        raise f.error("num_layers", io.num_layers, "positive, with num_kv_heads and head_dim, for a causal-lm")
+    return io
+
+
+def _locations(f: _Fields) -> dict[str, WeightLocation]:
+    return {m: WeightLocation.from_json(v, f.name(m), f.where) for m, v in f.d.items()}
+
+
+def _lora_graph(f: _Fields) -> LoraGraph:
+    modules = _locations(f.sub("modules"))
+    inputs_f = f.sub("inputs")
+    pair = (lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) and x for x in v),
+            "[A input, B input]")
+    inputs = {m: tuple(inputs_f.get(m, *pair)) for m in inputs_f.d}
+    if set(inputs) != set(modules):
+        raise f.error("inputs", sorted(set(inputs) ^ set(modules))[:2], "one entry per module of lora_graph.modules")
+    return LoraGraph(f.path("engine"), inputs, modules)  # type: ignore[arg-type]
+
+
+def _swap(f: _Fields) -> SwapSpec:
+    modules = _locations(f.sub("modules"))
+    weights_f = f.sub("weights")
+    weights: dict[str, SwapWeight] = {}
+    for name in weights_f.d:
+        w = weights_f.sub(name)
+        recipe = w.text("recipe")
+        if recipe not in RECIPES:
+            raise w.error("recipe", recipe, f"one of {', '.join(RECIPES)} (a newer edgelora wrote it? update)")
+        want = {"weight", "scale"} if recipe == "int8" else {"weight"}
+        inputs = w.get("inputs", lambda v, want=want: isinstance(v, dict) and set(v) == want and all(
+            isinstance(x, str) and x for x in v.values()), f"an object with {', '.join(sorted(want))} names")
+        shape = w.get("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(
+            _is_int(x) and x >= 1 for x in v), "two positive integers")
+        weights[name] = SwapWeight(recipe, dict(inputs), (shape[0], shape[1]))
+    for m, loc in modules.items():
+        w8 = weights.get(loc.initializer)
+        if w8 is None or w8.shape != loc.shape:
+            raise f.error(f"modules.{m}.initializer", loc.initializer, "a weight listed in swap.weights, same shape")
+    return SwapSpec(f.path("engine"), f.path("w0"), modules, weights)
+
+
+def _task(name: str, f: _Fields) -> TaskEntry:
+    if not TASK_NAME.fullmatch(name):
+        raise DeploymentError(f"{f.where}: task name {name!r:.40} is not usable (letters, digits, . _ -); re-export")
+    labels = f.get("labels", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                   "a list of label names", optional=True)
+    num = f.get("num_labels", lambda v: _is_int(v) and v >= 1, "a positive integer", optional=True)
+    if labels is not None and num is not None and len(labels) != num:
+        raise f.error("labels", labels, f"{num} names (num_labels)")
+    reason = f.get("not_swappable_reason", lambda v: isinstance(v, str), "a string", optional=True)
+    engine = f.path("engine") if f.has("engine") else None
+    io = _io(f.sub("engine_io")) if engine is not None and f.has("engine_io") else None
+    return TaskEntry(name, f.path("delta"), tuple(labels) if labels is not None else None, num,
+                     f.get("swappable", _is_bool, "true or false", optional=True, default=True), reason, engine, io)
+
+
+def _check_listed(m: Manifest, where: str) -> None:
+    """Every file the runtime may open is in the ``files`` table (so its size and hash are known)."""
+    paths = {"base.engine": m.base.engine}
+    if m.lora_graph:
+        paths["lora_graph.engine"] = m.lora_graph.engine
+    if m.swap:
+        paths |= {"swap.engine": m.swap.engine, "swap.w0": m.swap.w0}
+    for t in m.tasks.values():
+        paths[f"tasks.{t.name}.delta"] = t.delta
+        if t.engine:
+            paths[f"tasks.{t.name}.engine"] = t.engine
+    for fld, rel in paths.items():
+        if rel not in m.files:
+            raise DeploymentError(f"{where}: {fld} = {rel!r:.60} is not in the files table, so it cannot be "
+                                  "checked; re-export the folder")
+    if m.tokenizer is not None and f"{m.tokenizer}/tokenizer.json" not in m.files:
+        raise DeploymentError(f"{where}: tokenizer = {m.tokenizer!r:.40} has no tokenizer.json in the files table; "
+                              "re-export the folder")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+class _Fields:
+    """A JSON object at ``field`` (dotted path) of the manifest at ``where``; typed getters name the field."""
+
+    def __init__(self, value: Any, field: str, where: str) -> None:
+        if not isinstance(value, dict):
+            raise DeploymentError(f"{where}: {field or 'the manifest'} must be a JSON object, got "
+                                  f"{type(value).__name__}; re-export the folder")
+        self.d: dict[str, Any] = value
+        self.field = field
+        self.where = where
+
+    def name(self, key: str) -> str:
+        return f"{self.field}.{key}" if self.field else key
+
+    def error(self, key: str, value: Any, what: str) -> DeploymentError:
+        return DeploymentError(f"{self.where}: {self.name(key)} = {value!r:.60} must be {what}; re-export the folder")
+
+    def has(self, key: str) -> bool:
+        return self.d.get(key) is not None
+
+    def get(self, key: str, check: Callable[[Any], Any], what: str, optional: bool = False, default: Any = None
+            ) -> Any:
+        if self.d.get(key) is None:
+            if optional:
+                return default
+            raise DeploymentError(f"{self.where}: field {self.name(key)} is missing; re-export the folder")
+        value = self.d[key]
+        if not check(value):
+            raise self.error(key, value, what)
+        return value
+
+    def text(self, key: str) -> str:
+        return str(self.get(key, lambda v: isinstance(v, str) and v, "a non-empty string"))
+
+    def path(self, key: str) -> str:
+        return check_relative(self.get(key, lambda v: isinstance(v, str), "a relative path"), self.name(key),
+                              self.where)
+
+    def sub(self, key: str) -> _Fields:
+        if key not in self.d:
+            raise DeploymentError(f"{self.where}: field {self.name(key)} is missing; re-export the folder")
+        return _Fields(self.d[key], self.name(key), self.where)
