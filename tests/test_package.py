@@ -37,8 +37,9 @@ def test_installed_wheel_runs_from_its_own_copy(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, text=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
-    code = ("import edgelora, edgelora.converters, edgelora.cli; "
-            "print(edgelora.__file__); print(edgelora.converters.__file__)")
+    code = ("import edgelora, edgelora.converters, edgelora.cli, edgelora.format, edgelora.runtime; "
+            "print(edgelora.__file__); print(edgelora.converters.__file__); print(edgelora.format.__file__); "
+            "print(edgelora.runtime.__file__)")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, check=True, capture_output=True,
                          text=True).stdout.split()
     assert all(Path(p).is_relative_to(target) for p in out), out
