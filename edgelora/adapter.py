@@ -53,6 +53,30 @@ _UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+def _check_patterns(raw: Mapping[str, Any], source: str) -> None:
+    """Fields PEFT uses as regular expressions (as names.py applies them) must compile: a one-line error naming
+    the field, not Python's ``re.error`` when the first module is matched."""
+    import re
+
+    patterns: list[tuple[str, str]] = []
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns += [(key, rf"(.*\.)?({k})$") for k in (raw.get(key) or {})]
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(raw.get(key), str):
+            patterns.append((key, raw[key]))
+    templates = {"layers_pattern": r"(?:^|.*?\.){}\.(?P<idx>\d+)\.", "modules_to_save": r"(^|.*\.){}($|\..*)"}
+    for key, template in templates.items():
+        value = raw.get(key)
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        patterns += [(key, template.format(item)) for item in items if isinstance(item, str)]
+    for key, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise EdgeloraError(f"{source}: '{key}' holds a pattern that is not a valid regular expression ({exc}); "
+                                "fix it") from None
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -132,6 +156,7 @@ class AdapterConfig:
         if ltt is not None and not (_is_int(ltt) or (isinstance(ltt, list) and all(map(_is_int, ltt)))):
             raise EdgeloraError(f"{source}: 'layers_to_transform' must be an integer or a list of integers")
         mts = _seq("modules_to_save")
+        _check_patterns(raw, source)
         return cls(
             r=r,
             lora_alpha=float(alpha),

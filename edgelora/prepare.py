@@ -7,14 +7,24 @@ checks run in one place and before any work is written.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter, load_adapter
-from .base import MERGED_MARKER, HeadSpec, fingerprint, load_model, read_config, resolve_base, task_from_peft
-from .errors import EdgeloraError
+from .base import (
+    MERGED_MARKER,
+    HeadSpec,
+    fingerprint,
+    infer_task,
+    load_model,
+    read_config,
+    resolve_base,
+    task_from_peft,
+)
+from .errors import EdgeloraError, EdgeloraWarning
 from .validate import MergePlan, check_fingerprint, infer_head, plan_merge
 
 
@@ -55,10 +65,24 @@ def prepare(
         )
     fp = fingerprint(base_path)
     check_fingerprint(adapter, fp, str(base if base is not None else "(bundled)"))
-    task = task_from_peft(adapter.config.task_type)
+    task = task_of(adapter, base_path)
     head = infer_head(adapter, base_path, task)
     report("loading base")
     model = load_model(base_path, task, head)
     report("validating adapter against base")
     plan = plan_merge(adapter, model)
     return Prepared(base_path, fp, task, head, adapter, model, plan)
+
+
+def task_of(adapter: Adapter, base_path: Path) -> str:
+    """The adapter's task: its ``task_type``, or, where PEFT saved none (its default), inferred from what the
+    adapter and the base say, with a warning that names the evidence."""
+    if adapter.config.task_type is not None:
+        return task_from_peft(adapter.config.task_type)
+    if adapter.record is not None and adapter.record.task:
+        return adapter.record.task
+    task, how = infer_task(base_path, adapter.config.raw.get("auto_mapping"), sorted(adapter.modules),
+                           sorted(adapter.replacements))
+    warnings.warn(f"{adapter.source or 'adapter'}: adapter_config.json has no task_type; merging it as {task} "
+                  f"({how}), as PEFT's merge_and_unload would on that model", EdgeloraWarning, stacklevel=2)
+    return task
