@@ -63,7 +63,7 @@ def main() -> None:
 
     from edgelora.deploy import read_manifest
     from edgelora.format.safetensors import parse
-    from edgelora.runtime.runtime import session_options
+    from edgelora.runtime.sessions import session_options
 
     folder = args.folder
     if not (folder / "manifest.json").is_file():

@@ -94,7 +94,7 @@ _TAX_CHILD = """
 import json, statistics, sys, time, numpy as np, onnxruntime as ort
 from pathlib import Path
 from edgelora.runtime import Runtime
-from edgelora.runtime.runtime import session_options
+from edgelora.runtime.sessions import session_options
 folder, rounds, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 # spinning off on both sides: then process CPU time is work done, not spin-waits, and its ratio is the
 # steadier measure on this VM (wall-clock medians swing with stolen time)

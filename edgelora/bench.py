@@ -63,12 +63,15 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
           ) -> dict[str, Any]:
     import numpy as np
 
+    from .format.files import check_sizes
+    from .format.manifest import read_manifest as read_checked
     from .latency import latency_inputs
     from .verify import session
 
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         raise EdgeloraError(f"{folder} has no manifest.json; pass a folder written by edgelora export")
+    check_sizes(folder, read_checked(folder).files)  # the paths below are the checked manifest's, inside the folder
     manifest = read_manifest(folder)
     target = manifest["target"]
     batch, seq = target["shapes"]["batch"], target["shapes"]["sequence"]
@@ -152,8 +155,10 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
     shape = f"decode step at context {seq}" if manifest["task"] == "causal-lm" else f"batch {batch} × {seq} tokens"
     swaps = swap_times(folder, manifest, rt, threads, peft=peft, rounds=max(rounds, 3),
                        run=lambda: rt.run(**feeds_of["base"])) if rt is not None else None
+    from .latency import cpu_info
+
     return {"folder": str(folder), "target": target["name"], "threads": threads, "shape": shape, "engines": rows,
-            "swap": swaps}
+            "swap": swaps, "cpu": cpu_info()}
 
 
 def swap_times(folder: Path, manifest: dict[str, Any], rt: Any, threads: int, peft: bool = True,
@@ -231,8 +236,10 @@ def _peft_switch(manifest: dict[str, Any], names: list[str], threads: int, runs:
 
 
 def bench_table(result: dict[str, Any]) -> str:
+    from .latency import cpu_line
+
     lines = [f"{result['folder']}: {result['target']}, {result['shape']}, {result['threads']} threads, "
-             "interleaved runs, medians"]
+             "interleaved runs, medians", cpu_line()]
     width = max(len(k) for k in result["engines"])
     lines.append(f"{'engine'.ljust(width)}  {'median':>10}  {'vs base':>8}  {'vs baked':>8}")
     for name, r in result["engines"].items():

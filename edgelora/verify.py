@@ -53,7 +53,7 @@ def session(path: Any, provider: str = "CPUExecutionProvider", threads: int | No
     run alike (and none keeps spinning into the next one's turn)."""
     import onnxruntime as ort
 
-    from .runtime.runtime import session_options
+    from .runtime.sessions import session_options
 
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), session_options(threads), providers=providers)

@@ -481,6 +481,11 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(labelled, tiny_dir, 
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
         assert "no space left on the device" in res.stderr and "Traceback" not in res.stderr
         assert tree(mnt) == []
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)  # and a folder it may not write
+        res = subprocess.run(_export_cmd(tiny_dir("bert"), labelled["mood"], mnt / "out"), capture_output=True,
+                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+        assert "cannot write output" in res.stderr and "Read-only file system" in res.stderr
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 

@@ -38,36 +38,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeltaError, DeploymentError, EdgeloraError, InputError
-from ..format.files import check_sizes, locate, map_file, read_bytes, verify_files
+from ..format.files import check_sizes, map_file, read_bytes, verify_files
 from ..format.manifest import FORMAT_VERSION, TASK_NAME, Manifest, SwapSpec, read_manifest
 from ..format.safetensors import parse
 from .heads import apply_head, unsupported
+from .inputs import FeedChecker, as_ints
 from .lora import concat_feeds, stacked_feeds
+from .sessions import open_session, run_session
 from .store import AdapterStore, DeltaRules, TaskDelta
-from .swap import SwapWeights
+from .swap import SlotPool, SwapWeights
 
 SUPPORTED_FORMAT = FORMAT_VERSION
-_UNKNOWN = object()  # what a slot holds after a failed rebuild: nothing usable until rebuilt
-
-
-def session_options(threads: int | None, spinning: bool = True) -> Any:
-    """ONNX Runtime's defaults and the thread count. Worker threads spin between the steps of a run
-    (``spinning``; off: they sleep at once, kinder to an app sharing the cores, ~3-4% slower runs on W1)
-    but stop spinning when the run returns (``session.force_spinning_stop``). ONNX Runtime's default keeps
-    them spinning after it: measured on W1, a core's worth of CPU (48 ms in 50 ms idle) taken from
-    whatever the app does next — an ``activate`` right after a run then took 3.3-3.7 ms instead of 2.3-2.9."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if spinning:
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-    else:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
 
 
 @dataclass(frozen=True)
@@ -146,7 +127,9 @@ class Runtime:
             dims = {m: loc.dims() for m, loc in manifest.name_map.items()}
         self._dims = dims
         self._outputs = [o.name for o in self._session.get_outputs()]
-        self._input_types = {i.name: i.type for i in self._session.get_inputs()}
+        past_dtypes = {i.name: np.dtype(np.float16 if "float16" in i.type else np.float32)
+                       for i in self._session.get_inputs() if i.name.startswith("past_key_values.")}
+        self._feeds = FeedChecker(self.io, manifest.base.vocab_size, self.max_positions, past_dtypes)
         self.store = AdapterStore(DeltaRules(manifest.base.fingerprint, dims, manifest.base.hidden_size),
                                   max_resident)
         for name, entry in manifest.tasks.items():  # every delta validated now, not at its first activate
@@ -155,11 +138,7 @@ class Runtime:
             if entry.labels is not None and delta.labels is not None and delta.labels != entry.labels:
                 raise DeploymentError(f"{folder / entry.delta}: its labels {list(delta.labels or [])} differ from "
                                       f"the manifest's for task {name!r} {list(entry.labels)}; re-export the folder")
-        slot_count = len(self._swap.slots) if self._swap else 0
-        self._readers = [0] * slot_count
-        self._held: list[Any] = [None] * slot_count  # what each slot holds: a TaskDelta, None (W0) or _UNKNOWN
-        self._used = [0] * slot_count  # when each slot was last chosen (LRU among the idle ones)
-        self._clock = 0
+        self._slots = SlotPool(self._swap, self._cond) if self._swap is not None else None
         self._base_feeds = stacked_feeds([], self._dims) if self.mode == "unmerged" else None
         self._state = _State(None, slot=0 if self._swap else None, feeds=self._base_feeds)
         self._tokenizer: Any = None
@@ -194,17 +173,7 @@ class Runtime:
         return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged, slots)
 
     def _open(self, rel: str) -> Any:
-        import onnxruntime as ort
-
-        path = locate(self.folder, rel, "engine")
-        providers = [self.provider] if self.provider == "CPUExecutionProvider" else [self.provider,
-                                                                                      "CPUExecutionProvider"]
-        try:
-            return ort.InferenceSession(str(path), session_options(self.threads, self.spinning), providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for a file it cannot load
-            raise DeploymentError(f"{self.folder / rel}: ONNX Runtime cannot load this engine ({_first_line(exc)}); "
-                                  f"it is corrupt or from another version: run `edgelora verify {self.folder}` "
-                                  "or re-export") from None
+        return open_session(self.folder, rel, self.provider, self.threads, self.spinning)
 
     def _read_w0(self, swap: SwapSpec) -> dict[str, np.ndarray]:
         """The pristine W0 of the swapped weights: memory-mapped, hashed, float32 and finite, or refused."""
@@ -340,31 +309,11 @@ class Runtime:
         The caller holds ``_activating``."""
         if delta is not None and self._needs_engine(delta):
             return _State(name, delta, session=self._engine(delta))
-        if self._swap is not None:
-            return _State(name, delta, slot=self._slot_for(delta))
+        if self._slots is not None:
+            return _State(name, delta, slot=self._slots.slot_for(delta, self._state.slot))
         if self.mode == "unmerged":
             return _State(name, delta, feeds=self._branch_feeds(delta) if delta is not None else self._base_feeds)
         return _State(name, delta)
-
-    def _slot_for(self, delta: TaskDelta | None) -> int:
-        """A slot holding exactly ``delta`` (None: W0): one that already does, else the least recently used slot
-        other than the active one, rebuilt once no run reads it. The caller holds ``_activating``."""
-        self._clock += 1
-        for i, held in enumerate(self._held):
-            if held is delta:
-                self._used[i] = self._clock
-                return i
-        active = self._state.slot
-        victim = min((i for i in range(len(self._held)) if i != active),
-                     key=lambda i: (self._readers[i] > 0, self._used[i]))
-        with self._cond:
-            while self._readers[victim]:
-                self._cond.wait()
-        self._held[victim] = _UNKNOWN  # a failure half-way leaves it unusable until rebuilt
-        self._swap.build(self._swap.slots[victim], delta.modules if delta is not None else {})  # type: ignore[union-attr]
-        self._held[victim] = delta
-        self._used[victim] = self._clock
-        return victim
 
     def _commit(self, state: _State) -> None:
         with self._cond:
@@ -387,114 +336,30 @@ class Runtime:
             state = self._state
             if task is None or state.task == task:
                 if state.slot is not None:
-                    self._readers[state.slot] += 1
+                    self._slots.hold(state.slot)  # type: ignore[union-attr]
                 return state
         with self._activating:
             state = self._state_for(task, self._delta(task))
             if state.slot is not None:
                 with self._cond:
-                    self._readers[state.slot] += 1
+                    self._slots.hold(state.slot)  # type: ignore[union-attr]
             return state
 
     def _release(self, state: _State) -> None:
         if state.slot is not None:
-            with self._cond:
-                self._readers[state.slot] -= 1
-                if not self._readers[state.slot]:
-                    self._cond.notify_all()
+            self._slots.release(state.slot)  # type: ignore[union-attr]
 
     def _inputs(self, text: str | Sequence[str] | None, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Feeds for the engine, every input checked first (dtype, rank, shape, id range, positions)."""
+        """Feeds for the engine (text tokenized and cut to the base's positions), every input checked first."""
         if text is not None:
             clash = sorted({"input_ids", "attention_mask", "token_type_ids"} & set(inputs))
             if clash:
                 raise InputError(f"pass text or {', '.join(clash)}, not both")
             inputs = {**self.tokenizer.encode(text), **inputs}
-        unknown = sorted(set(inputs) - set(self.io.inputs) - {"token_type_ids"})
-        if unknown:
-            raise InputError(f"unknown input(s) {', '.join(unknown)}; the engine takes {', '.join(self.io.inputs)}")
-        if inputs.get("input_ids") is None:
-            raise InputError("run needs input_ids (or text=...)")
-        ids = _ints(inputs["input_ids"], "input_ids")
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        if ids.ndim != 2 or 0 in ids.shape:
-            raise InputError(f"input_ids has shape {list(ids.shape)}; pass (batch, sequence) or (sequence,) with "
-                             "at least one token")
-        vocab = self.manifest.base.vocab_size
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab:
-            row, col = (int(x) for x in np.argwhere(ids == (lo if lo < 0 else hi))[0])
-            raise InputError(f"input_ids[{row}, {col}] = {lo if lo < 0 else hi} is outside the vocabulary "
-                             f"0..{vocab - 1}; use this deployment's tokenizer")
-        ids = ids.astype(np.int64, copy=False)
-        batch, seq = ids.shape
-        past, past_len = self._past(inputs, batch)
-        if self.max_positions is not None and past_len + seq > self.max_positions:
-            raise InputError(f"{past_len + seq} tokens exceed the base's {self.max_positions} positions; shorten the "
-                             "input (text= is truncated to fit)")
-        feeds = {"input_ids": ids, "attention_mask": self._mask(inputs.get("attention_mask"), batch, past_len + seq)}
-        if inputs.get("token_type_ids") is not None:
-            segments = _ints(inputs["token_type_ids"], "token_type_ids")
-            segments = segments[None, :] if segments.ndim == 1 else segments
-            if segments.shape != ids.shape:
-                raise InputError(f"token_type_ids has shape {list(segments.shape)}; it must be input_ids' "
-                                 f"{[batch, seq]}")
-            if "token_type_ids" in self.io.inputs:
-                feeds["token_type_ids"] = segments.astype(np.int64, copy=False)
-            elif segments.any():
-                raise InputError("token_type_ids holds segments other than 0, but this engine takes one segment "
-                                 "(it was exported without token_type_ids); pass single-segment input")
-        feeds.update(past)
-        return feeds
-
-    def _mask(self, mask: Any, batch: int, width: int) -> np.ndarray:
-        if mask is None:
-            return np.ones((batch, width), np.int64)
-        m = _ints(mask, "attention_mask", bools=True)
-        if m.ndim == 1 and batch == 1:
-            m = m[None, :]
-        if m.shape != (batch, width):
-            raise InputError(f"attention_mask has shape {list(m.shape)}; it must be {[batch, width]} (one entry per "
-                             "token, past tokens included)")
-        if ((m != 0) & (m != 1)).any():
-            raise InputError("attention_mask must hold only 0 and 1")
-        return m.astype(np.int64, copy=False)
-
-    def _past(self, inputs: Mapping[str, Any], batch: int) -> tuple[dict[str, np.ndarray], int]:
-        """Decoders: the KV cache inputs (all given, checked, or all empty) and the past length."""
-        if self.kind != "causal-lm":
-            return {}, 0
-        names = [n for n in self.io.inputs if n.startswith("past_key_values.")]
-        given = [n for n in names if inputs.get(n) is not None]
-        out: dict[str, np.ndarray] = {}
-        if not given:
-            for n in names:
-                dtype = np.float16 if "float16" in self._input_types.get(n, "") else np.float32
-                out[n] = np.zeros((batch, self.io.num_kv_heads, 0, self.io.head_dim), dtype)
-            return out, 0
-        if len(given) != len(names):
-            raise InputError(f"pass all {len(names)} past_key_values.* inputs or none (got {len(given)})")
-        lengths = set()
-        for n in names:
-            a = np.asarray(inputs[n])
-            want = np.float16 if "float16" in self._input_types.get(n, "") else np.float32
-            if a.dtype != want or a.ndim != 4 or a.shape[0] != batch or a.shape[1] != self.io.num_kv_heads \
-                    or a.shape[3] != self.io.head_dim:
-                raise InputError(f"{n} is {a.dtype} {list(a.shape)}; it must be {np.dtype(want)} "
-                                 f"[{batch}, {self.io.num_kv_heads}, past, {self.io.head_dim}]")
-            lengths.add(a.shape[2])
-            out[n] = a
-        if len(lengths) != 1:
-            raise InputError("past_key_values.* inputs disagree on the past length; pass one cache")
-        return out, lengths.pop()
+        return self._feeds.check(inputs)
 
     def _session_run(self, sess: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-        try:
-            return dict(zip(names, sess.run(None, dict(feeds)), strict=True))
-        except Exception as exc:  # onnxruntime's own exception types; inputs were checked, so this is the engine
-            raise EdgeloraError(f"{self.folder}: the engine failed on this input ({_first_line(exc)}); "
-                                f"run `edgelora verify {self.folder}`") from None
+        return run_session(sess, feeds, names, self.folder)
 
     def _run_state(self, state: _State, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if state.session is not None:  # a task on its baked engine
@@ -599,7 +464,7 @@ class Runtime:
             raise InputError("temperature must be >= 0 and top_p in (0, 1]")
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens = {max_new_tokens!r}; pass an integer ≥ 0")
-        ids = _ints(prompt_ids, "prompt_ids").reshape(1, -1)
+        ids = as_ints(prompt_ids, "prompt_ids").reshape(1, -1)
         if self.max_positions is not None and ids.shape[1] + max_new_tokens > self.max_positions:
             raise InputError(f"a prompt of {ids.shape[1]} tokens + {max_new_tokens} new ones exceed the base's "
                              f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens")
@@ -630,10 +495,9 @@ class Runtime:
     def _forget_built(self) -> None:
         """Benchmarks only: treat every slot but the active one as holding nothing, so the next switch rebuilds
         (times what switching to a task no slot holds costs; the slots' contents are left as they are)."""
-        with self._activating:
-            for i in range(len(self._held)):
-                if i != self._state.slot:
-                    self._held[i] = _UNKNOWN
+        if self._slots is not None:
+            with self._activating:
+                self._slots.forget(self._state.slot)
 
     def benchmark(self, runs: int = 30, swaps: int = 30, sequence: int | None = None) -> dict[str, Any]:
         """Median ``run`` latency (active task) and median ``activate`` time cycling through the tasks and the
@@ -659,21 +523,6 @@ class Runtime:
         return {"mode": self.mode, "run_median_ms": float(np.median(run_ms)),
                 "activate_median_ms": float(np.median(act_ms)), "runs": runs, "swaps": swaps,
                 "threads": self.threads}
-
-
-def _ints(value: Any, name: str, bools: bool = False) -> np.ndarray:
-    """``value`` as an integer array, or an InputError: floats would be truncated, object arrays are not ids."""
-    a = np.asarray(value)
-    if a.size == 0:
-        raise InputError(f"{name} is empty; pass at least one token")
-    if a.dtype.kind not in ("iub" if bools else "iu"):
-        raise InputError(f"{name} has dtype {a.dtype}; pass integers (e.g. numpy int64), not floats or objects")
-    return a
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0][:160] if text else type(exc).__name__).replace("\n", " ")
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from threading import Lock
+from threading import Condition, Lock
+from typing import Any
 
 import numpy as np
 
@@ -287,3 +288,58 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks + 1])
     stops = np.concatenate([breaks, [len(idx) - 1]])
     return [(int(idx[a]), int(idx[b]) + 1) for a, b in zip(starts, stops, strict=True)]
+
+
+_UNKNOWN = object()  # what a slot holds after a failed rebuild: nothing usable until rebuilt
+
+
+class SlotPool:
+    """The slots of a :class:`SwapWeights` as tasks see them: what each holds (a delta, ``None`` for W0), how
+    many calls read it, and which to rebuild next. A slot being read is never rebuilt; switching to a task a
+    slot still holds is a flip, no rebuild. ``cond`` is the runtime's condition (it guards the active state
+    too, so a call reads the state and counts itself a reader in one step)."""
+
+    def __init__(self, weights: SwapWeights, cond: Condition) -> None:
+        self.weights = weights
+        self.cond = cond
+        n = len(weights.slots)
+        self.readers = [0] * n
+        self.held: list[Any] = [None] * n  # every slot starts as W0
+        self.used = [0] * n  # when each slot was last chosen (LRU among the idle ones)
+        self.clock = 0
+
+    def slot_for(self, delta: Any, active: int | None) -> int:
+        """A slot holding exactly ``delta`` (``None``: W0): one that already does, else the least recently used
+        slot other than ``active``, rebuilt once no call reads it. Callers serialize (the activate lock)."""
+        self.clock += 1
+        for i, held in enumerate(self.held):
+            if held is delta:
+                self.used[i] = self.clock
+                return i
+        victim = min((i for i in range(len(self.held)) if i != active),
+                     key=lambda i: (self.readers[i] > 0, self.used[i]))
+        with self.cond:
+            while self.readers[victim]:
+                self.cond.wait()
+        self.held[victim] = _UNKNOWN  # a failure half-way leaves it unusable until rebuilt
+        self.weights.build(self.weights.slots[victim], delta.modules if delta is not None else {})
+        self.held[victim] = delta
+        self.used[victim] = self.clock
+        return victim
+
+    def hold(self, slot: int) -> None:
+        """Count a call reading ``slot`` (the caller holds ``cond``)."""
+        self.readers[slot] += 1
+
+    def release(self, slot: int) -> None:
+        with self.cond:
+            self.readers[slot] -= 1
+            if not self.readers[slot]:
+                self.cond.notify_all()
+
+    def forget(self, active: int | None) -> None:
+        """Benchmarks only: treat every slot but ``active`` as holding nothing, so the next switch rebuilds (times
+        what switching to a task no slot holds costs; the contents are left as they are)."""
+        for i in range(len(self.held)):
+            if i != active:
+                self.held[i] = _UNKNOWN
