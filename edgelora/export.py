@@ -318,8 +318,10 @@ def export(
             "base": {"name": base_name, "fingerprint": base_fp, "model_type": family, "engine": BASE_ENGINE,
                      "io": spec, "headless": headless, "fused": fused,
                      "vocab_size": int(base_model.config.vocab_size),
-                     "max_positions": _max_positions(base_model.config),
-                     "hidden_size": _hidden_size(base_model.config)},
+                     # the longest sequence the position embeddings cover; the width a task head reads
+                     "max_positions": _config_int(base_model.config, "max_position_embeddings", "n_positions",
+                                                  "n_ctx"),
+                     "hidden_size": _config_int(base_model.config, "hidden_size", "n_embd", "d_model")},
             "target": target.to_json(),
             "tokenizer": TOKENIZER_DIR if any((out / TOKENIZER_DIR).iterdir()) else None,
             "name_map": {"graph": "fused fp32" if fused else "fp32",
@@ -503,17 +505,10 @@ def _verify_lora_graph(out: Path, lora_graph: Mapping[str, Any], modules: Mappin
     return check_encoder(sess, model, inputs, headless, extra)
 
 
-def _max_positions(config: Any) -> int | None:
-    """The longest sequence the base's position embeddings cover (None: no fixed limit)."""
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _hidden_size(config: Any) -> int | None:
-    for key in ("hidden_size", "n_embd", "d_model"):
+def _config_int(config: Any, *keys: str) -> int | None:
+    """The first positive integer among a transformers config's ``keys`` (families name the same fact
+    differently: ``max_position_embeddings`` / ``n_positions``, ``hidden_size`` / ``n_embd``), else None."""
+    for key in keys:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
