@@ -236,6 +236,14 @@ def test_every_file_is_listed_with_its_size_and_sha256(dep, cli):
     engine.write_bytes(bytes(data[:-100]))
     with pytest.raises(DeploymentError, match="lora.onnx.data.*bytes, the manifest says"):
         Runtime.open(dep)
+    engine.write_bytes(bytes(data))
+    _relist(dep, "base/lora.onnx.data")
+    graph = dep / "base/swap.onnx"  # a graph file (it names its data file) is hashed at every open
+    g = bytearray(graph.read_bytes())
+    g[-5] ^= 0x01
+    graph.write_bytes(bytes(g))
+    with pytest.raises(DeploymentError, match="swap.onnx.*sha256"):
+        Runtime.open(dep)
 
 
 # ---------------------------------------------------------------------------------------------- folders that lie

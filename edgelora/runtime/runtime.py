@@ -173,7 +173,8 @@ class Runtime:
         return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged, slots)
 
     def _open(self, rel: str) -> Any:
-        return open_session(self.folder, rel, self.provider, self.threads, self.spinning)
+        return open_session(self.folder, rel, self.provider, self.threads, self.spinning,
+                            self.manifest.files.get(rel))
 
     def _read_w0(self, swap: SwapSpec) -> dict[str, np.ndarray]:
         """The pristine W0 of the swapped weights: memory-mapped, hashed, float32 and finite, or refused."""

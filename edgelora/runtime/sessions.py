@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeploymentError, EdgeloraError
-from ..format.files import locate
+from ..format.files import FileEntry, locate, read_bytes
 
 
 def session_options(threads: int | None, spinning: bool = True) -> Any:
@@ -38,11 +38,20 @@ def session_options(threads: int | None, spinning: bool = True) -> Any:
 
 
 
-def open_session(folder: Path, rel: str, provider: str, threads: int | None, spinning: bool = True) -> Any:
-    """A session on ``folder/rel`` (a regular file inside the folder), or a one-line DeploymentError."""
+GRAPH_HASH_LIMIT = 16 << 20  # graphs whose weights sit in a .data file: their sha256 costs well under 1 ms
+
+
+def open_session(folder: Path, rel: str, provider: str, threads: int | None, spinning: bool = True,
+                 entry: FileEntry | None = None) -> Any:
+    """A session on ``folder/rel`` (a regular file inside the folder), or a one-line DeploymentError. A graph
+    file of at most 16 MB (its weights in an external data file) is first checked against its manifest
+    ``entry``: the graph names its data file, so a swapped graph cannot point ONNX Runtime elsewhere; the
+    data files are size-checked at open and hashed with ``verify``."""
     import onnxruntime as ort
 
     path = locate(folder, rel, "engine")
+    if entry is not None and entry.size <= GRAPH_HASH_LIMIT:
+        read_bytes(folder, rel, "engine", entry)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), session_options(threads, spinning), providers=providers)
