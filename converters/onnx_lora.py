@@ -5,7 +5,7 @@ graph gains ``y' = y + ((x @ Aᵀ) * mask) @ (s·B)ᵀ`` with inputs ``lora.{mod
 ``lora.{module}.B`` (R, out), and one shared ``lora.mask`` (rows, 1, R); ``R`` is a dynamic axis.
 Feeding rank 0 gives the base model; feeding one task's matrices (mask of ones) gives that task,
 unmerged, which is how ONNX Runtime's multi-LoRA API runs adapters; stacking several tasks with a
-per-row mask serves a batch whose rows belong to different tasks (``edgelora.runtime.lora``).
+per-row mask serves a batch whose rows belong to different tasks (``edgelora.lora.feeds``).
 Used as the unmerged alternative in ``edgelora bench`` and by the runtime for mixed batches.
 
 API: ``add_lora_branches(model, locations) -> {module: (input_A, input_B)}`` (edits ``model``).
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from edgelora.runtime.lora import MASK_INPUT, lora_input_names, stacked_feeds
+from edgelora.lora import MASK_INPUT, lora_input_names, stacked_feeds
 
 from .onnx_names import NameMapError, WeightLocation
 

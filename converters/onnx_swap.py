@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelora.runtime.swap import int8_per_column
+from edgelora.lora import int8_per_column
 
 from .onnx_names import WeightLocation
 

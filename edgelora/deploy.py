@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .format.manifest import FORMAT_VERSION, MANIFEST
+from .lora import DeltaModule
 
 BASE_ENGINE = "base/model.onnx"
 BASE_DATA = "model.onnx.data"  # external data of the base engine, shared by the swap graph
@@ -59,16 +59,6 @@ def task_engine_path(name: str) -> str:
 
 def ort_adapter_path(name: str) -> str:
     return f"tasks/{name}/adapter.onnx_adapter"
-
-
-@dataclass(frozen=True)
-class DeltaModule:
-    """One module of a task delta: ``W = W0 + scale · B @ A`` with A (r, in), B (out, r)."""
-
-    module: str
-    A: np.ndarray
-    B: np.ndarray
-    scale: float
 
 
 def write_delta(path: Path, modules: Mapping[str, DeltaModule], head: Mapping[str, np.ndarray],

@@ -446,7 +446,7 @@ def _write_ort_adapter(path: Path, modules: Mapping[str, DeltaModule], lora_grap
     import onnxruntime as ort
 
     from .converters.onnx_lora import in_out
-    from .runtime.lora import stacked_feeds
+    from .lora import stacked_feeds
 
     dims = {m: in_out(WeightLocation.from_json(d)) for m, d in lora_graph["modules"].items()}
     fmt = ort.AdapterFormat()

@@ -25,7 +25,7 @@ def delta(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool =
     Computed by the on-device runtime's own functions (numpy), in ``layout`` ("in_out" or "out_in"): the
     layout the deployment's swap graph feeds the weight in, so the weights baked into an engine and the
     weights the runtime rebuilds on a swap are the same bits (the layouts' products differ in the last bit)."""
-    from .runtime.swap import LAYOUTS
+    from .lora import LAYOUTS
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}; use one of {', '.join(LAYOUTS)}")

@@ -191,7 +191,7 @@ def test_mixed_feeds_from_cached_task_feeds_equal_the_stacked_ones():
     what stacked_feeds builds from the deltas: ranks differ, one task lacks a module."""
     from types import SimpleNamespace
 
-    from edgelora.runtime.lora import concat_feeds, stacked_feeds
+    from edgelora.lora import concat_feeds, stacked_feeds
 
     rng = np.random.default_rng(0)
     dims = {"q": (6, 5), "v": (6, 3)}

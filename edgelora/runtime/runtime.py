@@ -41,9 +41,9 @@ from ..errors import DeltaError, DeploymentError, EdgeloraError, InputError
 from ..format.files import check_sizes, map_file, read_bytes, verify_files
 from ..format.manifest import FORMAT_VERSION, TASK_NAME, Manifest, SwapSpec, read_manifest
 from ..format.safetensors import parse
+from ..lora import concat_feeds, stacked_feeds
 from .heads import apply_head, unsupported
 from .inputs import FeedChecker, as_ints
-from .lora import concat_feeds, stacked_feeds
 from .sessions import open_session, run_session
 from .store import AdapterStore, DeltaRules, TaskDelta
 from .swap import SlotPool, SwapWeights

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..deploy import DeltaModule
 from ..errors import DeltaError, DeploymentError
 from ..format.files import FileEntry, open_path, read_bytes, read_fd
 from ..format.safetensors import parse
+from ..lora import DeltaModule
 from .heads import HEAD_ROWS
 
 DELTA_FORMATS = ("2", "3")  # 3 adds the task's label names; both store float32 A, B and head tensors

@@ -29,42 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ..deploy import DeltaModule
 from ..errors import DeploymentError
 from ..format.location import WeightLocation
 from ..format.manifest import SwapWeight
-
-
-def int8_per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ONNX Runtime's symmetric per-channel int8 for a (in, out) MatMul weight: (q int8, scale (out,))."""
-    amax = np.abs(w).max(axis=0).astype(np.float32)
-    scale = (amax * np.float32(2.0) / np.float32(254.0)).astype(np.float32)
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)  # as the quantizer does
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def lora_delta_in_out(A: np.ndarray, B: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
-    """``ΔWᵀ = Aᵀ @ (s·B)ᵀ`` as (in, out), fp32: the delta of a weight the device stores (in, out).
-
-    One definition per layout, shared with the exporter (``edgelora.merge.delta`` merges in the layout
-    the target's swap graph feeds), so a weight the runtime rebuilds is bit for bit the weight baked into
-    the task engine (and int8 re-quantization of it gives the baked engine's int8 values). The two
-    layouts' products differ in the last bit (BLAS orders the sums differently), hence two functions."""
-    A = np.asarray(A, np.float32)
-    sB = np.asarray(B, np.float32) * np.float32(scale)  # scale the small (out, r) factor, not the (in, out) product
-    return np.matmul(A.T, sB.T, out=out)
-
-
-def lora_delta_out_in(A: np.ndarray, B: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
-    """``ΔW = (s·B) @ A`` as (out, in), fp32: the delta of a weight the device stores (out, in) (fp32 swap
-    graphs feed their weights so: a decode step reads them faster, see ``converters/onnx_swap.py``)."""
-    A = np.asarray(A, np.float32)
-    sB = np.asarray(B, np.float32) * np.float32(scale)
-    return np.matmul(sB, A, out=out)
-
-
-LAYOUTS = {"in_out": lora_delta_in_out, "out_in": lora_delta_out_in}
+from ..lora import DeltaModule, int8_per_column, int8_per_column_into, lora_delta_in_out, lora_delta_out_in
 
 
 @functools.cache
@@ -116,19 +84,6 @@ def single_threaded_blas() -> Iterator[None]:
             _blas_users -= 1
             if _blas_users == 0 and _blas_saved is not None:
                 fn(_blas_saved)
-
-
-def int8_per_column_into(w: np.ndarray, q_out: np.ndarray) -> np.ndarray:
-    """:func:`int8_per_column` with ``w`` as scratch (overwritten) and the int8 values written to ``q_out``;
-    returns the scales. Same arithmetic, fewer passes and no temporaries of ``w``'s size."""
-    amax = np.maximum(w.max(axis=0), -w.min(axis=0)).astype(np.float32)
-    scale = (amax * np.float32(2.0) / np.float32(254.0)).astype(np.float32)
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)
-    np.divide(w, scale, out=w)
-    np.rint(w, out=w)
-    np.clip(w, -127, 127, out=w)
-    np.copyto(q_out, w, casting="unsafe")
-    return scale
 
 
 @dataclass
