@@ -45,8 +45,8 @@ def _export(base, adapters, target, out, evals=None):
 
 def _line_up(fp32_dir: Path, quant_dir: Path, rounds: int) -> dict:
     """Every engine of both folders plus the unmerged alternatives, interleaved in one process."""
-    from edgelora.converters.onnx_lora import branch_feeds
-    from edgelora.converters.onnx_names import WeightLocation
+    from edgelora.converters.onnx.lora import branch_feeds
+    from edgelora.converters.onnx.names import WeightLocation
 
     from edgelora.bench import interleaved
     from edgelora.deploy import read_delta, read_manifest

@@ -4,7 +4,7 @@
 
 The runtime's swap graph takes the LoRA-target weights as inputs, so ONNX Runtime cannot prepack them.
 fp32 swap graphs feed them (out, in) to ``FusedMatMul``/``Gemm`` with ``transB`` (see
-``converters/onnx_swap.py``). This compares, side by side in one process, on a W2 deployment
+``converters/onnx/swap.py``). This compares, side by side in one process, on a W2 deployment
 (``cpu-fp32``; ``--folder``, default the one ``benchmarks/runtime.py`` writes, exported here if missing):
 
 - the task's baked engine (constant, prepacked weights);

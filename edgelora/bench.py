@@ -89,8 +89,8 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
         fns[name] = (lambda s=sess, f=feeds: s.run(None, f))
     lora_graph = manifest.get("lora_graph")
     if lora_graph:
-        from .converters.onnx_lora import branch_feeds
-        from .converters.onnx_names import WeightLocation
+        from .converters.onnx.lora import branch_feeds
+        from .converters.onnx.names import WeightLocation
         from .deploy import read_delta
 
         lsess = session(folder / lora_graph["engine"], target["provider"], threads)

@@ -89,7 +89,9 @@ def _w0_out_in(model: Any, key: str, fan_in_fan_out: bool) -> np.ndarray:
 def _build_engine(model: Any, task: str, headless: bool, target: Target, work: Path, stem: str,
                   family: str) -> tuple[Path, Path, dict[str, Any], bool]:
     """torch -> fp32 ONNX -> fused -> (quantized). Returns (final, fp32 graph, spec, fused)."""
-    from .converters import onnx_export, onnx_optimize, onnx_quantize
+    from .converters.onnx import export as onnx_export
+    from .converters.onnx import optimize as onnx_optimize
+    from .converters.onnx import quantize as onnx_quantize
 
     raw = work / f"{stem}.raw.onnx"
     spec = onnx_export.export_for_task(model, task, raw, target.opset, headless=headless).to_json()
@@ -194,7 +196,7 @@ def export(
 
     import onnx
 
-    from .converters.onnx_names import NameMapError, build_name_map, float_initializers
+    from .converters.onnx.names import NameMapError, build_name_map, float_initializers
 
     headless = task != "causal-lm"  # encoders: the base engine is the encoder; heads travel with tasks
     tol = target.tolerance
@@ -380,9 +382,9 @@ def _swap_graph(out: Path, work: Path, target: Target, fused_inits: Mapping[str,
     engine itself (int8: QAttention is 1.08x faster than the unfused int8 graph)."""
     import onnx
 
-    from .converters.onnx_lora import remove_lora_branches
-    from .converters.onnx_names import float_initializers
-    from .converters.onnx_swap import make_swap_graph
+    from .converters.onnx.lora import remove_lora_branches
+    from .converters.onnx.names import float_initializers
+    from .converters.onnx.swap import make_swap_graph
 
     if not name_map:
         return None, "no LoRA targets"
@@ -445,7 +447,7 @@ def _write_ort_adapter(path: Path, modules: Mapping[str, DeltaModule], lora_grap
     ``RunOptions.add_active_adapter(LoraAdapter)`` then feeds them without the caller passing A, B."""
     import onnxruntime as ort
 
-    from .converters.onnx_lora import in_out
+    from .converters.onnx.lora import in_out
     from .lora import stacked_feeds
 
     dims = {m: in_out(WeightLocation.from_json(d)) for m, d in lora_graph["modules"].items()}
@@ -467,9 +469,9 @@ def _lora_graph(work: Path, out: Path, w0: Mapping[str, np.ndarray], target: Tar
     """base/lora.onnx: the unfused base export with LoRA branches (A, B as inputs), target precision."""
     import onnx
 
-    from .converters import onnx_quantize
-    from .converters.onnx_lora import add_lora_branches, add_lora_defaults
-    from .converters.onnx_names import NameMapError, build_name_map
+    from .converters.onnx import quantize as onnx_quantize
+    from .converters.onnx.lora import add_lora_branches, add_lora_defaults
+    from .converters.onnx.names import NameMapError, build_name_map
 
     graph = onnx.load(str(work / "base.raw.onnx"))
     try:
@@ -493,7 +495,7 @@ def _lora_graph(work: Path, out: Path, w0: Mapping[str, np.ndarray], target: Tar
 
 def _verify_lora_graph(out: Path, lora_graph: Mapping[str, Any], modules: Mapping[str, DeltaModule], model: Any,
                        spec: dict[str, Any], target: Target, headless: bool, threads: int) -> Any:
-    from .converters.onnx_lora import branch_feeds
+    from .converters.onnx.lora import branch_feeds
     from .verify import check_causal_lm, check_encoder, fixed_inputs, session
 
     sess = session(out / lora_graph["engine"], target.provider, threads)

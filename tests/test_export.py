@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import FAMILIES, make_peft_adapter, peft_reference, tree
-from edgelora.converters.onnx_names import WeightLocation
+from edgelora.converters.onnx.names import WeightLocation
 from onnx import numpy_helper
 
 from edgelora.deploy import read_delta, read_manifest
@@ -120,7 +120,7 @@ def test_base_engine_plus_delta_rebuilds_the_task(family, family_adapters, expor
 def test_lora_branch_graph_is_the_base_at_rank_0_and_each_task_with_its_delta(family, family_adapters, exported):
     """base/lora.onnx keeps LoRA unmerged, A and B as inputs: rank 0 computes the base engine, a task's
     delta computes what peft's merged model computes (KV cache included for decoders)."""
-    from edgelora.converters.onnx_lora import branch_feeds, zero_rank_feeds
+    from edgelora.converters.onnx.lora import branch_feeds, zero_rank_feeds
 
     base, adapters = family_adapters[family]
     task_type, _, labels = FAMILIES[family]

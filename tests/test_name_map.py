@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgelora.converters.onnx_names import NameMapError, WeightLocation, build_name_map
+from edgelora.converters.onnx.names import NameMapError, WeightLocation, build_name_map
 from onnx import helper, numpy_helper
 
 

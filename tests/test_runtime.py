@@ -80,7 +80,7 @@ def test_a_swap_rebuilds_the_baked_engines_weights_bit_for_bit(family, tiny_dir,
     from rank 8 on, the (in, out) and (out, in) products differ in the last bit, so a merge in the other
     layout fails here."""
     import onnx
-    from edgelora.converters.onnx_names import WeightLocation, build_name_map
+    from edgelora.converters.onnx.names import WeightLocation, build_name_map
 
     from edgelora.cli import main
     from edgelora.deploy import read_delta

@@ -36,7 +36,7 @@ def lora_delta_in_out(A: np.ndarray, B: np.ndarray, scale: float, out: np.ndarra
 
 def lora_delta_out_in(A: np.ndarray, B: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
     """``ΔW = (s·B) @ A`` as (out, in), fp32: the delta of a weight the device stores (out, in) (fp32 swap
-    graphs feed their weights so: a decode step reads them faster, see ``converters/onnx_swap.py``)."""
+    graphs feed their weights so: a decode step reads them faster, see ``converters/onnx/swap.py``)."""
     A = np.asarray(A, np.float32)
     sB = np.asarray(B, np.float32) * np.float32(scale)
     return np.matmul(sB, A, out=out)

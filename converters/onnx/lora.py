@@ -18,7 +18,7 @@ from typing import Any
 
 from edgelora.lora import MASK_INPUT, lora_input_names, stacked_feeds
 
-from .onnx_names import NameMapError, WeightLocation
+from .names import NameMapError, WeightLocation
 
 _ROWS, _RANK, _MINUS_ONE = "lora.const.rows_axis", "lora.const.rank_axis", "lora.const.minus_one"
 _VIEW = "lora.view_shape"

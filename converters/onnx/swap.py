@@ -41,7 +41,7 @@ import numpy as np
 
 from edgelora.lora import int8_per_column
 
-from .onnx_names import WeightLocation
+from .names import WeightLocation
 
 
 @dataclass
