@@ -49,7 +49,8 @@ def _line_up(fp32_dir: Path, quant_dir: Path, rounds: int) -> dict:
     from edgelora.converters.onnx.names import WeightLocation
 
     from edgelora.bench import interleaved
-    from edgelora.deploy import read_delta, read_manifest
+    from edgelora.format.delta import read_delta
+    from edgelora.format.layout import read_manifest_json as read_manifest
     from edgelora.latency import latency_inputs
     from edgelora.verify import session
 
@@ -115,8 +116,8 @@ def _latency_lines(lat: dict, tasks: tuple[str, ...]) -> list[str]:
 
 
 def _sizes(folder: Path) -> dict:
-    from edgelora.deploy import read_manifest
     from edgelora.export import engine_size
+    from edgelora.format.layout import read_manifest_json as read_manifest
 
     m = read_manifest(folder)  # with the external data of the base engine (format 2)
     return {"base": engine_size(folder / m["base"]["engine"]),

@@ -61,7 +61,7 @@ def main() -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from edgelora.deploy import read_manifest
+    from edgelora.format.layout import read_manifest_json as read_manifest
     from edgelora.format.safetensors import parse
     from edgelora.runtime.sessions import session_options
 

@@ -162,7 +162,8 @@ def mixed(folder: Path, rounds: int = 8, sequence: int = 128) -> dict:
     import numpy as np
 
     from edgelora.bench import interleaved
-    from edgelora.deploy import DeltaModule, read_delta, write_delta
+    from edgelora.format.delta import read_delta, write_delta
+    from edgelora.lora import DeltaModule
     from edgelora.runtime import Runtime
 
     rt = Runtime.open(folder, threads=2)

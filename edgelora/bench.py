@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .deploy import read_manifest
 from .errors import EdgeloraError
+from .format.layout import read_manifest_json as read_manifest
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 8, per_round: int = 10, warmup: int = 3,
@@ -91,7 +91,7 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
     if lora_graph:
         from .converters.onnx.lora import branch_feeds
         from .converters.onnx.names import WeightLocation
-        from .deploy import read_delta
+        from .format.delta import read_delta
 
         lsess = session(folder / lora_graph["engine"], target["provider"], threads)
         locations = {m: WeightLocation.from_json(d) for m, d in lora_graph["modules"].items()}

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .converters import backend_names
 from .errors import EdgeloraError
 
 if sys.version_info >= (3, 11):
@@ -166,7 +167,7 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", t.name) is not None,
          f"name = {t.name!r} must be a plain name (letters, digits, . _ -; it names the default output folder "
          "out/<name>)"),
-        (t.backend == "onnxruntime", f"backend = {t.backend!r}; supported: 'onnxruntime'"),
+        (t.backend in backend_names(), f"backend = {t.backend!r}; registered: {', '.join(backend_names())}"),
         (t.provider in PROVIDERS, f"provider = {t.provider!r}; choose one of {', '.join(PROVIDERS)}"),
         (t.precision in PRECISIONS, f"precision = {t.precision!r}; choose one of {', '.join(PRECISIONS)}"),
         (14 <= t.opset <= 23, f"opset = {t.opset}; choose 14..23"),

@@ -14,7 +14,8 @@ from conftest import FAMILIES, make_peft_adapter, peft_reference, tree
 from edgelora.converters.onnx.names import WeightLocation
 from onnx import numpy_helper
 
-from edgelora.deploy import read_delta, read_manifest
+from edgelora.format.delta import read_delta
+from edgelora.format.layout import read_manifest_json as read_manifest
 from edgelora.runtime import Runtime
 from edgelora.target import load_target
 

@@ -47,7 +47,7 @@ THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "onnx", "torch", "transform
 @pytest.mark.parametrize("folder, package, allowed, third", [
     ("edgelora/runtime", "edgelora.runtime", {"runtime", "format", "lora", "errors"},
      {"numpy", "onnxruntime", "tokenizers"}),
-    ("edgelora/format", "edgelora.format", {"format", "errors"}, {"numpy"}),
+    ("edgelora/format", "edgelora.format", {"format", "lora", "errors"}, {"numpy"}),
     ("edgelora/lora", "edgelora.lora", {"lora"}, {"numpy"}),
     ("converters", "edgelora.converters", {"converters", "format", "lora", "target", "errors"}, THIRD_PARTY),
 ])

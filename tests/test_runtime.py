@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import FAMILIES, REPO, make_peft_adapter, peft_reference
 
-from edgelora.deploy import read_manifest
+from edgelora.format.layout import read_manifest_json as read_manifest
 from edgelora.runtime import DeltaError, Runtime
 
 CPU = ["CPUExecutionProvider"]
@@ -83,7 +83,7 @@ def test_a_swap_rebuilds_the_baked_engines_weights_bit_for_bit(family, tiny_dir,
     from edgelora.converters.onnx.names import WeightLocation, build_name_map
 
     from edgelora.cli import main
-    from edgelora.deploy import read_delta
+    from edgelora.format.delta import read_delta
     from edgelora.format.manifest import parse_manifest
     from edgelora.format.safetensors import parse
     from edgelora.runtime.swap import SwapWeights

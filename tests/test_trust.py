@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import REPO, load_task_model, make_peft_adapter, tree
 
-from edgelora.deploy import read_delta, write_delta
 from edgelora.errors import EdgeloraError
+from edgelora.format.delta import read_delta, write_delta
 from edgelora.runtime import DeltaError, Runtime
 
 LABELS = {"mood": ["sad", "glad"], "topic": ["world", "sports", "business", "science"]}

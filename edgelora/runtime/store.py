@@ -10,7 +10,6 @@ runtime opens; a task evicted by the LRU bound is read again on demand, and must
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -20,12 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DeltaError, DeploymentError
+from ..format.delta import parse_delta
 from ..format.files import FileEntry, open_path, read_bytes, read_fd
-from ..format.safetensors import parse
 from ..lora import DeltaModule
 from .heads import HEAD_ROWS
 
-DELTA_FORMATS = ("2", "3")  # 3 adds the task's label names; both store float32 A, B and head tensors
 MAX_DELTA_BYTES = 4 << 30
 
 
@@ -56,70 +54,35 @@ class DeltaRules:
 
 def parse_task_delta(name: str, data: bytes, where: str, rules: DeltaRules,
                      labels: Sequence[str] | None = None) -> TaskDelta:
-    """Validate one delta file's bytes. ``labels``: names given by the caller (else the file's own)."""
-    tensors, meta = parse(data, where, DeltaError)
-    got = meta.get("base_fingerprint")
-    if got is None:
-        raise DeltaError(f"{where}: no base_fingerprint in its metadata; re-export the task with edgelora export")
-    if got != rules.fingerprint:
-        raise DeltaError(f"{where}: made for base {got[:12]}…, this deployment's base is {rules.fingerprint[:12]}…; "
-                         "export the adapter against this base")
-    if meta.get("format") not in DELTA_FORMATS:
-        raise DeltaError(f"{where}: delta format {meta.get('format')!r:.20}, this runtime reads "
-                         f"{' or '.join(DELTA_FORMATS)}; re-export the task")
-    for key, t in tensors.items():
-        if t.dtype != np.float32:
-            raise DeltaError(f"{where}: tensor {key!r} is {t.dtype}; deltas hold float32 only (an integer or fp16 "
-                             "tensor would change the task's outputs); re-export the task")
-    scales = _json_meta(meta, "scales", dict, where) or {}
-    modules: dict[str, DeltaModule] = {}
-    for module, scale in sorted(scales.items()):
-        modules[module] = _module(module, scale, tensors, rules.dims, where)
-    head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-    stray = sorted(set(tensors) - {f"{m}.lora_{p}" for m in modules for p in "AB"} - {f"head.{k}" for k in head})
-    if stray:
-        raise DeltaError(f"{where}: tensor {stray[0]!r} belongs to no module in the 'scales' metadata nor to the "
-                         "head; re-export the task")
-    rows = _check_head(head, rules.hidden_size, where)
-    names = list(labels) if labels is not None else _json_meta(meta, "labels", list, where)
-    if names is not None:
-        if not all(isinstance(x, str) for x in names) or rows is None or len(names) != rows:
-            raise DeltaError(f"{where}: {len(names)} label names for a head of {rows or 'no'} outputs; give one "
-                             "name per output")
-    return TaskDelta(name, where, modules, head, tuple(names) if names is not None else None,
+    """Validate one delta file's bytes against the deployment. ``labels``: names given by the caller (else the
+    file's own)."""
+    delta = parse_delta(data, where)
+    if delta.base_fingerprint != rules.fingerprint:
+        raise DeltaError(f"{where}: made for base {delta.base_fingerprint[:12]}…, this deployment's base is "
+                         f"{rules.fingerprint[:12]}…; export the adapter against this base")
+    for module, d in delta.modules.items():
+        _check_module(module, d, rules.dims, where)
+    rows = _check_head(delta.head, rules.hidden_size, where)
+    names = list(labels) if labels is not None else delta.labels
+    if names is not None and (rows is None or len(names) != rows):
+        raise DeltaError(f"{where}: {len(names)} label names for a head of {rows or 'no'} outputs; give one "
+                         "name per output")
+    return TaskDelta(name, where, delta.modules, delta.head, tuple(names) if names is not None else None,
                      hashlib.sha256(data).hexdigest())
 
 
-def _json_meta(meta: Mapping[str, str], key: str, kind: type, where: str) -> object:
-    if key not in meta:
-        return None
-    try:
-        value = json.loads(meta[key])
-    except (ValueError, RecursionError):
-        value = None
-    if not isinstance(value, kind):
-        raise DeltaError(f"{where}: metadata {key!r} is not a JSON {kind.__name__}; re-export the task")
-    return value
-
-
-def _module(module: str, scale: object, tensors: Mapping[str, np.ndarray], dims: Mapping[str, tuple[int, int]],
-            where: str) -> DeltaModule:
+def _check_module(module: str, d: DeltaModule, dims: Mapping[str, tuple[int, int]], where: str) -> None:
     if module not in dims:
         raise DeltaError(f"{where}: module {module!r:.80} is not a LoRA target of this deployment's base engine; "
                          "export the adapter together with the others so the base maps it")
-    a, b = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
-    if a is None or b is None:
-        raise DeltaError(f"{where}: {module}.lora_A / .lora_B missing; re-export the task")
+    a, b = d.A, d.B
     in_dim, out_dim = dims[module]
     if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_dim or b.shape[0] != out_dim or a.shape[0] != b.shape[1]
             or a.shape[0] == 0):
         raise DeltaError(f"{where}: {module}: A {list(a.shape)}, B {list(b.shape)} do not fit the base weight "
                          f"(in {in_dim}, out {out_dim}): expected A [r, {in_dim}], B [{out_dim}, r], r ≥ 1")
-    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and np.isfinite(scale)):
-        raise DeltaError(f"{where}: {module}: scale {scale!r:.20} is not a finite number; re-export the task")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise DeltaError(f"{where}: {module}: A or B holds Inf/NaN; the adapter is broken, retrain it")
-    return DeltaModule(module, a, b, float(scale))
 
 
 def _check_head(head: Mapping[str, np.ndarray], hidden: int | None, where: str) -> int | None:

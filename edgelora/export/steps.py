@@ -1,0 +1,472 @@
+"""The steps of ``edgelora export``, in order, each a short function over the :class:`ExportContext`.
+
+1. :func:`check_request`   names, eval files, the provider — before anything is loaded
+2. :func:`read_adapters`   every adapter read and checked against the base
+3. :func:`build_base`      the base engine, its name map (LoRA target -> initializer), verified against PyTorch
+4. :func:`build_runtime_graphs`  the LoRA-branch graph and the swap graph the on-device runtime runs
+5. :func:`plan_baking`     whether task engines can be baked by patching the base engine (seconds) or must
+                           be re-exported from the merged model (the fallback, with its reason in the report)
+6. :func:`export_tasks`    per task: delta (+ ONNX Runtime adapter), branch check, baked engine, its checks
+7. :func:`write_manifest`  tokenizer, manifest with the size and sha256 of every file
+8. :func:`check_runtime`   the on-device runtime on this folder vs each baked engine
+9. :func:`write_report`    report.json / report.md
+
+The engine work is the backend's (``ctx.backend``, chosen by the target's ``backend`` from the registry in
+``edgelora.converters``); the steps hold the checks against PyTorch, which are the same for every backend.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..adapter import load_adapter
+from ..base import DEFAULT_BASE_NAME, bundled_base_path, read_config
+from ..errors import EdgeloraError
+from ..format.delta import write_delta
+from ..format.files import file_table
+from ..format.layout import (
+    MANIFEST,
+    REPORT_JSON,
+    REPORT_MD,
+    TOKENIZER_DIR,
+    delta_path,
+    ort_adapter_path,
+    task_engine_path,
+    write_json,
+)
+from ..format.location import WeightLocation
+from ..format.manifest import FORMAT_VERSION, TASK_NAME
+from ..fsutil import WORK_DIR
+from ..lora import DeltaModule, stacked_feeds
+from ..merge import merge_into_model
+from ..merged_model import copy_tokenizer
+from ..prepare import Prepared, prepare
+from ..verify import Parity, within
+from .context import BaseResult, ExportContext, TaskResult
+from .report import engine_size, report_markdown
+
+TASKS = ("sequence-classification", "feature-extraction", "causal-lm")
+
+
+# ---------------------------------------------------------------------------------------------- before any work
+def check_request(ctx: ExportContext) -> None:
+    if not ctx.adapters:
+        raise EdgeloraError("no adapters given; pass --adapter NAME=PATH (one or more)")
+    for name in ctx.adapters:
+        if not TASK_NAME.fullmatch(name) or name == "base":
+            raise EdgeloraError(f"task name {name!r} is not usable as a folder name; use letters, digits, . _ - "
+                                "(up to 128, not starting with . _ -)")
+    for name, path in ctx.evals.items():
+        if name not in ctx.adapters:
+            raise EdgeloraError(f"--eval {name}=...: no adapter named {name!r}; names: {', '.join(ctx.adapters)}")
+        if not Path(path).is_file():
+            raise EdgeloraError(f"--eval {name}: file {path} does not exist; pass a labelled TSV/CSV/JSONL")
+    if ctx.target.provider == "CUDAExecutionProvider":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise EdgeloraError(f"target {ctx.target.name} needs CUDAExecutionProvider; install edgelora[gpu] on a "
+                                "machine with an NVIDIA GPU, or choose a cpu-* target")
+
+
+def read_adapters(ctx: ExportContext) -> None:
+    for name, path in ctx.adapters.items():
+        ctx.step(f"checking adapter {name}")
+        ctx.prepared[name] = prepare(ctx.base, load_adapter(path, allow_pickle=ctx.allow_pickle))
+    tasks = {p.task for p in ctx.prepared.values()}
+    if len(tasks) > 1:
+        raise EdgeloraError("adapters are for different tasks (" + ", ".join(
+            f"{n}: {p.task}" for n, p in ctx.prepared.items()) + "); export one task type per deployment")
+    ctx.task = tasks.pop()
+    if ctx.task not in TASKS:
+        raise EdgeloraError(f"export of {ctx.task} adapters is not supported yet; supported: {', '.join(TASKS)}")
+    first = next(iter(ctx.prepared.values()))
+    ctx.base_path, ctx.base_fingerprint = first.base_path, first.base_fingerprint
+    ctx.family = str(read_config(first.base_path).get("model_type", ""))
+    ctx.headless = ctx.task != "causal-lm"  # encoders: the base engine is the encoder; heads travel with tasks
+    ctx.eval_sets = {name: _read_eval(Path(f), ctx.prepared[name]) for name, f in ctx.evals.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the base
+def build_base(ctx: ExportContext) -> None:
+    ctx.step("exporting base engine")
+    model = _first(ctx).model  # not merged yet: W0 everywhere
+    build = ctx.backend.build_engine(model, ctx.task, ctx.headless, ctx.target, ctx.work, "base", ctx.family)
+    ctx.step("mapping LoRA targets to the engine's weights")
+    locations, weights = ctx.backend.map_weights(build, _w0(ctx))
+    engine = ctx.backend.save_base(build, ctx.out)
+    ctx.base_result = base = BaseResult(build, engine, locations, weights)
+    ctx.step("verifying base engine")
+    sess = _session(ctx, ctx.out / engine)
+    base.parity = _check(sess, model, build.spec, ctx, ctx.headless)
+    base.latency_ms = _latency(ctx, sess, build.spec, ctx.latency_runs)
+    # a headless encoder's outputs are hidden states: their scale is the model's and an argmax over hidden
+    # units means nothing, so only the cosine is held to the tolerance there
+    miss = [m for m in within(base.parity, ctx.target.tolerance) if not ctx.headless or m.startswith("cosine")]
+    if miss:
+        ctx.failures.append(f"base: {'; '.join(miss)}")
+    if build.fused and ctx.target.precision == "fp32":
+        base.unfused_latency_ms = _latency(ctx, _session(ctx, build.raw), build.spec, ctx.latency_runs)
+
+
+def build_runtime_graphs(ctx: ExportContext) -> None:
+    base = _base(ctx)
+    if ctx.target.lora_graph:
+        base.branches = ctx.backend.branch_graph(base.build, ctx.out, _w0(ctx), ctx.target)
+    ctx.step("writing the swap graph for the on-device runtime")
+    base.swap, base.swap_reason = ctx.backend.swap_graph(base.build, ctx.out, ctx.target, base.weights,
+                                                         base.locations, base.branches)
+    # each weight's ΔW is computed in the layout the swap graph feeds it, by the exporter's merge, the patcher
+    # and the runtime alike: a swap then rebuilds the baked weights bit for bit
+    base.layouts = {m: WeightLocation.from_json(loc).layout for m, loc in (base.swap or {}).get("modules", {}).items()}
+
+
+def plan_baking(ctx: ExportContext) -> None:
+    base = _base(ctx)
+    if ctx.target.bake_task_engines:
+        base.patch, base.patch_reason = ctx.backend.patch_plan(base.build, base.weights, base.locations)
+
+
+# ---------------------------------------------------------------------------------------------- the tasks
+def export_tasks(ctx: ExportContext) -> None:
+    for name, p in ctx.prepared.items():
+        task = _delta(ctx, name, p)
+        _check_branches(ctx, task)
+        if ctx.target.bake_task_engines:
+            _bake(ctx, task)
+            _verify_baked(ctx, task)
+        ctx.tasks[name] = task
+
+
+def _delta(ctx: ExportContext, name: str, p: Prepared) -> TaskResult:
+    """The task's delta file (+ its ONNX Runtime adapter file) and manifest entry."""
+    ctx.step(f"task {name}: delta")
+    modules, head, reason = _delta_for(p)
+    task = TaskResult(name, p, modules, head, reason)
+    write_delta(ctx.out / delta_path(name), modules, head, ctx.base_fingerprint, p.head.labels if head else None)
+    branches = _base(ctx).branches
+    if branches is not None and reason is None:
+        ctx.backend.write_task_adapter(ctx.out / ort_adapter_path(name), modules, branches)
+    task.entry = {
+        "adapter_hash": p.plan.adapter_hash,
+        "adapter_path": str(Path(p.adapter.source).resolve()) if p.adapter.source else None,
+        "labels": list(p.head.labels) if p.head.labels else None,
+        "num_labels": p.head.num_labels,
+        "rank": max((t.lora.rank for t in p.plan.targets), default=0),
+        "scale": sorted({t.lora.scale for t in p.plan.targets}),
+        "targets": sorted({t.module.rsplit(".", 1)[-1] for t in p.plan.targets}),
+        "modules": {t.module: {"rank": t.lora.rank, "scale": t.lora.scale} for t in p.plan.targets},
+        "head": sorted(head),
+        "delta": delta_path(name),
+        "ort_adapter": ort_adapter_path(name) if (ctx.out / ort_adapter_path(name)).exists() else None,
+        "swappable": reason is None,
+        "not_swappable_reason": reason,
+        "engine": None,
+    }
+    task.report = {"accuracy": None, "torch_accuracy": None, "max_abs_diff": None, "cosine": None,
+                   "agreement": None, "latency_ms": None, "engine_size_bytes": None,
+                   "delta_size_bytes": engine_size(ctx.out / delta_path(name))}
+    return task
+
+
+def _check_branches(ctx: ExportContext, task: TaskResult) -> None:
+    """The LoRA-branch graph fed the task's A, B vs the merged PyTorch model (DoRA / LoRA bias have no branch
+    form: baked engine only)."""
+    base = _base(ctx)
+    if base.branches is None or task.not_swappable is not None:
+        return
+    ctx.step(f"task {task.name}: unmerged (LoRA branches) check")
+    model = task.prepared.model
+    merge_into_model(model, task.prepared.plan, base.layouts)
+    dims = {m: WeightLocation.from_json(d).dims() for m, d in base.branches["modules"].items()}
+    extra = stacked_feeds([task.modules], dims)
+    parity = _check(_branch_session(ctx), model, base.build.spec, ctx, ctx.headless, extra)
+    task.report["unmerged_max_abs_diff"], task.report["unmerged_cosine"] = parity.max_abs_diff, parity.cosine
+    miss = [m for m in within(parity, ctx.target.tolerance) if not ctx.headless or m.startswith("cosine")]
+    if miss:
+        ctx.failures.append(f"{task.name} (LoRA branches): {'; '.join(miss)}")
+
+
+def _bake(ctx: ExportContext, task: TaskResult) -> None:
+    """The task engine: the base engine patched with ``W0 + s·B·A`` where the plan allows, else the merged
+    model exported again; the report says which and why."""
+    base, p = _base(ctx), task.prepared
+    merge_into_model(p.model, p.plan, base.layouts)
+    dst = ctx.out / task_engine_path(task.name)
+    reason = base.patch_reason if base.patch is None else _task_patch_reason(ctx, task)
+    if reason is None:
+        ctx.step(f"task {task.name}: engine (base engine patched)")
+        ctx.backend.bake_patched(base.patch, base.weights, task.modules, base.layouts,
+                                 task.head if ctx.headless and task.head else None, dst)
+        spec = dict(base.build.spec)
+        if ctx.headless and task.head:
+            spec |= {"kind": "sequence-classification", "outputs": ["logits"]}
+        task.report["bake"] = "patched"
+    else:
+        ctx.step(f"task {task.name}: engine (merged model exported again)")
+        build = ctx.backend.build_engine(p.model, ctx.task, False, ctx.target, ctx.work, f"task-{task.name}",
+                                         ctx.family)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build.final, dst)
+        spec = build.spec
+        task.report["bake"] = f"re-exported: {reason}"
+    task.entry["engine"] = task_engine_path(task.name)
+    task.entry["engine_io"] = spec
+
+
+def _task_patch_reason(ctx: ExportContext, task: TaskResult) -> str | None:
+    targets = task.prepared.plan.targets
+    return ctx.backend.task_patch_reason({t.module: t.lora.kind for t in targets},
+                                         any(t.lora.magnitude is not None for t in targets),
+                                         any(t.lora.bias is not None for t in targets), task.head, ctx.headless)
+
+
+def _verify_baked(ctx: ExportContext, task: TaskResult) -> None:
+    ctx.step(f"task {task.name}: verify")
+    p, tol = task.prepared, ctx.target.tolerance
+    path = ctx.out / task_engine_path(task.name)
+    sess = _session(ctx, path)
+    parity = _check(sess, p.model, task.entry["engine_io"], ctx, False)
+    task.report.update(parity.to_json())
+    # a patched engine is the base engine's graph: its latency is the base's, so fewer runs tell it
+    runs = max(5, ctx.latency_runs // 3) if task.report.get("bake") == "patched" else ctx.latency_runs
+    task.report["latency_ms"] = _latency(ctx, sess, task.entry["engine_io"], runs)
+    task.report["engine_size_bytes"] = engine_size(path)
+    task.runtime_reference = _runtime_reference(ctx, sess, task.entry["engine_io"])
+    miss = within(parity, tol)
+    if task.name in ctx.eval_sets:
+        ctx.step(f"task {task.name}: accuracy on {Path(ctx.evals[task.name]).name}")
+        from ..verify import classify_accuracy
+
+        texts, labels = ctx.eval_sets[task.name]
+        acc, torch_acc = classify_accuracy(sess, p.model, _tokenizer(ctx), texts, labels)
+        task.report["accuracy"], task.report["torch_accuracy"] = acc, torch_acc
+        drop = (torch_acc - acc) * 100
+        if drop > tol.max_accuracy_drop:
+            miss.append(f"accuracy {acc:.2%} vs PyTorch {torch_acc:.2%} "
+                        f"(drop {drop:.2f} > {tol.max_accuracy_drop:g} points)")
+    if miss:
+        ctx.failures.append(f"{task.name}: {'; '.join(miss)}")
+
+
+# ---------------------------------------------------------------------------------------------- the folder
+def write_manifest(ctx: ExportContext) -> None:
+    ctx.step("writing manifest and report")
+    base, out = _base(ctx), ctx.out
+    (out / TOKENIZER_DIR).mkdir()
+    copy_tokenizer(ctx.base_path, out / TOKENIZER_DIR)
+    config = _first(ctx).model.config
+    name = DEFAULT_BASE_NAME if ctx.base_path == bundled_base_path() else str(Path(ctx.base_path).resolve())
+    ctx.manifest = {
+        "format": FORMAT_VERSION,
+        "edgelora_version": __version__,
+        "task": ctx.task,
+        "base": {"name": name, "fingerprint": ctx.base_fingerprint, "model_type": ctx.family,
+                 "engine": base.engine, "io": base.build.spec, "headless": ctx.headless, "fused": base.build.fused,
+                 "vocab_size": int(config.vocab_size),
+                 # the longest sequence the position embeddings cover; the width a task head reads
+                 "max_positions": _config_int(config, "max_position_embeddings", "n_positions", "n_ctx"),
+                 "hidden_size": _config_int(config, "hidden_size", "n_embd", "d_model")},
+        "target": ctx.target.to_json(),
+        "tokenizer": TOKENIZER_DIR if any((out / TOKENIZER_DIR).iterdir()) else None,
+        "name_map": {"graph": "fused fp32" if base.build.fused else "fp32",
+                     "modules": {m: loc.to_json() for m, loc in sorted(base.locations.items())}},
+        "lora_graph": base.branches,
+        "swap": base.swap,
+        "swap_unavailable": base.swap_reason,
+        "tasks": {name: t.entry for name, t in ctx.tasks.items()},
+        # size and sha256 of every file the folder holds, reports (written after) excepted: the runtime
+        # checks what it reads against them, `edgelora verify` checks all of them
+        "files": {rel: e.to_json() for rel, e in file_table(out, exclude_dirs=frozenset({WORK_DIR})).items()},
+    }
+    write_json(out / MANIFEST, ctx.manifest)
+
+
+def check_runtime(ctx: ExportContext) -> None:
+    """What the device will compute: ``edgelora.runtime`` on this folder, each task activated (weights rebuilt,
+    or fed as branches), vs the task's baked engine on fixed inputs: max |Δ| of the logits. A swap rebuilds
+    the baked engine's weights, so it is held to the tolerance; unmerged (int4: LoRA beside a quantized W0)
+    is a different approximation and is reported only."""
+    base = _base(ctx)
+    if base.swap is None and base.branches is None:
+        return
+    ctx.step("checking the on-device runtime against the baked engines")
+    from ..runtime import Runtime
+
+    rt = Runtime.open(ctx.out, threads=ctx.threads, provider=ctx.target.provider)
+    inputs = _runtime_inputs(ctx)
+    for name, task in ctx.tasks.items():
+        ref = task.runtime_reference
+        if ref is None or not task.entry.get("swappable", True):
+            continue
+        rt.activate(name)
+        diff = float(np.abs(rt.run(**inputs)["logits"] - ref).max())
+        task.report["runtime_max_abs_diff"] = diff
+        if base.swap is not None and diff > ctx.target.tolerance.max_abs_diff:
+            ctx.failures.append(f"{name} (runtime swap): max |Δ| {diff:.3g} vs the baked engine > "
+                                f"{ctx.target.tolerance.max_abs_diff:g}")
+
+
+def write_report(ctx: ExportContext) -> None:
+    base = _base(ctx)
+    parity = base.parity.to_json() if base.parity else {}
+    ctx.report = {
+        "target": ctx.target.name,
+        "precision": ctx.target.precision,
+        "base": {"fingerprint": ctx.base_fingerprint, "size_bytes": engine_size(ctx.out / base.engine),
+                 "latency_ms": base.latency_ms, **parity, **({"agreement": None} if ctx.headless else {}),
+                 "unfused_latency_ms": base.unfused_latency_ms},
+        "tasks": {name: t.report for name, t in ctx.tasks.items()},
+        "bake": {"patched": base.patch is not None, "reason": base.patch_reason},
+        "export_seconds": round(time.perf_counter() - ctx.started, 1),
+        "machine": {"threads": ctx.threads, "cpu": platform.processor() or platform.machine()},
+        "failures": ctx.failures,
+    }
+    write_json(ctx.out / REPORT_JSON, ctx.report)
+    (ctx.out / REPORT_MD).write_text(report_markdown(ctx.report), encoding="utf-8")
+
+
+BUILD_STEPS = (build_base, build_runtime_graphs, plan_baking, export_tasks, write_manifest, check_runtime,
+               write_report)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _first(ctx: ExportContext) -> Prepared:
+    return next(iter(ctx.prepared.values()))
+
+
+def _base(ctx: ExportContext) -> BaseResult:
+    assert ctx.base_result is not None, "build_base runs first"  # internal order, not user input
+    return ctx.base_result
+
+
+def _w0(ctx: ExportContext) -> dict[str, np.ndarray]:
+    """module -> W0 (out, in), fp32, from the (unmerged) base model, for every adapter's targets."""
+    model = _first(ctx).model
+    state = model.state_dict()
+    w0: dict[str, np.ndarray] = {}
+    for p in ctx.prepared.values():
+        for t in p.plan.targets:
+            if t.module not in w0:
+                w = state[t.weight_key].detach().to("cpu").float().numpy()
+                w0[t.module] = np.ascontiguousarray(w.T if t.fan_in_fan_out else w)
+    return w0
+
+
+def _delta_for(p: Prepared) -> tuple[dict[str, DeltaModule], dict[str, np.ndarray], str | None]:
+    """(modules, head tensors, reason it cannot be swapped on a device or None).
+
+    Embedding LoRA needs no special case: PEFT stores A (r, num), B (dim, r) and ΔW (num, dim) = (B·A)ᵀ,
+    which in the name map's (out, in) convention (out = dim) is B·A, as for a linear layer.
+    """
+    modules: dict[str, DeltaModule] = {}
+    reason = None
+    for t in p.plan.targets:
+        lora = t.lora
+        if lora.magnitude is not None:
+            reason = f"{t.module} uses DoRA (not a pure W0 + s·B·A update); use the baked engine"
+        if lora.bias is not None:
+            reason = f"{t.module} has a LoRA bias (lora_bias); use the baked engine"
+        modules[t.module] = DeltaModule(t.module, lora.A.float().numpy(), lora.B.float().numpy(), float(lora.scale))
+    head = {k: v.detach().float().numpy() for k, v in p.plan.replacements.items()}
+    return modules, head, reason
+
+
+def _session(ctx: ExportContext, path: Path) -> Any:
+    from ..runtime.sessions import session_options
+
+    return ctx.backend.session(path, ctx.target.provider, session_options(ctx.threads))
+
+
+def _branch_session(ctx: ExportContext) -> Any:
+    """One session on base/lora.onnx for every task's branch check (each task feeds its own A, B)."""
+    base = _base(ctx)
+    if base.branch_session is None:
+        base.branch_session = _session(ctx, ctx.out / base.branches["engine"])  # type: ignore[index]
+    return base.branch_session
+
+
+def _check(sess: Any, model: Any, spec: dict[str, Any], ctx: ExportContext, headless: bool,
+           extra: dict[str, np.ndarray] | None = None) -> Parity:
+    from ..verify import check_causal_lm, check_encoder, fixed_inputs
+
+    vocab = int(model.config.vocab_size)
+    inputs = fixed_inputs(vocab, max(2, ctx.target.shapes.batch), ctx.target.shapes.sequence)  # one row padded
+    if spec["kind"] == "causal-lm":
+        return check_causal_lm(sess, model, spec, inputs, extra)
+    return check_encoder(sess, model, inputs, headless, extra)
+
+
+def _latency(ctx: ExportContext, sess: Any, spec: dict[str, Any], runs: int) -> float:
+    from ..latency import latency_inputs, session_latency
+
+    vocab = int(_first(ctx).model.config.vocab_size)
+    feeds = latency_inputs(sess, spec, ctx.target.shapes.batch, ctx.target.shapes.sequence, vocab)
+    return session_latency(sess, feeds, runs=runs)["median_ms"]
+
+
+def _runtime_inputs(ctx: ExportContext) -> dict[str, np.ndarray]:
+    from ..verify import fixed_inputs
+
+    inputs = fixed_inputs(int(_first(ctx).model.config.vocab_size), 2, min(16, ctx.target.shapes.sequence))
+    if ctx.task == "causal-lm":
+        inputs["attention_mask"] = np.ones_like(inputs["attention_mask"])  # left-aligned rows, no padding
+    return inputs
+
+
+def _runtime_reference(ctx: ExportContext, sess: Any, io: dict[str, Any]) -> np.ndarray:
+    """The baked engine's logits on the runtime check's inputs (computed while its session is open)."""
+    feeds = _runtime_inputs(ctx)
+    if io["kind"] == "causal-lm":
+        feeds |= {n: np.zeros((2, io["num_kv_heads"], 0, io["head_dim"]), np.float32)
+                  for n in io["inputs"] if n.startswith("past_key_values.")}
+    return sess.run(["logits"], feeds)[0]
+
+
+def _tokenizer(ctx: ExportContext) -> Any:
+    if ctx.tokenizer is None:
+        from transformers import AutoTokenizer
+
+        ctx.tokenizer = AutoTokenizer.from_pretrained(str(ctx.base_path))
+    return ctx.tokenizer
+
+
+def _config_int(config: Any, *keys: str) -> int | None:
+    """The first positive integer among a transformers config's ``keys`` (families name the same fact
+    differently: ``max_position_embeddings`` / ``n_positions``, ``hidden_size`` / ``n_embd``), else None."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _read_eval(path: Path, p: Prepared) -> tuple[list[str], list[int]]:
+    from ..data import read_classification
+
+    if p.task != "sequence-classification":
+        raise EdgeloraError(f"--eval {path}: accuracy is measured for classification adapters only")
+    labels = p.head.labels
+    if not labels:
+        raise EdgeloraError(f"--eval {path}: the adapter has no label names (edgelora.json); re-train it with "
+                            "edgelora train or evaluate with the adapter's own tooling")
+    examples = read_classification(path)
+    index = {name: i for i, name in enumerate(labels)}
+    ids = []
+    for n, e in enumerate(examples, 1):
+        label = index.get(e.label)
+        if label is None and e.label.lstrip("-").isdigit() and 0 <= int(e.label) < len(labels):
+            label = int(e.label)
+        if label is None:
+            raise EdgeloraError(f"--eval {path}: example {n} has label {e.label!r}, which is neither one of the "
+                                f"adapter's labels ({', '.join(labels)}) nor a class id 0..{len(labels) - 1}; fix "
+                                "the file or pass the eval file of this task")
+        ids.append(label)
+    return [e.text for e in examples], ids

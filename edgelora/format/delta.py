@@ -1,0 +1,128 @@
+"""Task delta files (``tasks/NAME/delta.safetensors``): one writer, one reader.
+
+A delta holds, in float32: ``{module}.lora_A`` (r, in) and ``{module}.lora_B`` (out, r) per LoRA module and
+``head.{name}`` per head tensor; its metadata holds the format, the fingerprint of the base it was made for,
+the scale of each module (JSON) and the head's label names (JSON). :func:`parse_delta` checks the file's
+structure (safetensors layout, metadata types, float32 only, every tensor accounted for); what it must fit
+(a deployment's base, shapes, finiteness) is checked by the runtime's store against the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DeltaError
+from ..lora import DeltaModule
+from .manifest import FORMAT_VERSION
+from .safetensors import parse
+
+DELTA_FORMATS = ("2", "3")  # 3 adds the task's label names; both store float32 A, B and head tensors
+
+
+@dataclass(frozen=True)
+class Delta:
+    modules: dict[str, DeltaModule]
+    head: dict[str, np.ndarray]
+    base_fingerprint: str
+    labels: list[str] | None
+
+
+def write_delta(path: Path, modules: Mapping[str, DeltaModule], head: Mapping[str, np.ndarray],
+                base_fingerprint: str, labels: Sequence[str] | None = None) -> None:
+    """A, B in fp32 under ``{module}.lora_A`` / ``.lora_B``; head tensors under ``head.{name}``;
+    the scales, the fingerprint of the base it was trained on and the head's label names in the metadata
+    (a delta carries everything the runtime needs to run and label its task)."""
+    tensors: dict[str, np.ndarray] = {}
+    for name, m in modules.items():
+        tensors[f"{name}.lora_A"] = np.ascontiguousarray(m.A, dtype=np.float32)
+        tensors[f"{name}.lora_B"] = np.ascontiguousarray(m.B, dtype=np.float32)
+    for name, t in head.items():
+        tensors[f"head.{name}"] = np.ascontiguousarray(t, dtype=np.float32)
+    meta = {"format": str(FORMAT_VERSION), "base_fingerprint": base_fingerprint,
+            "scales": json.dumps({n: m.scale for n, m in sorted(modules.items())}, sort_keys=True)}
+    if labels is not None:
+        meta["labels"] = json.dumps(list(labels))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_float32_safetensors(tensors, path, meta)
+
+
+def read_delta(path: Path) -> tuple[dict[str, DeltaModule], dict[str, np.ndarray]]:
+    """(modules, head tensors) of a delta file this edgelora wrote (tools and tests; the runtime validates more)."""
+    delta = parse_delta(path.read_bytes(), str(path))
+    return delta.modules, delta.head
+
+
+def parse_delta(data: Any, where: str) -> Delta:
+    """A delta's structure from its bytes, or a one-line :class:`DeltaError` naming ``where``."""
+    tensors, meta = parse(data, where, DeltaError)
+    fingerprint = meta.get("base_fingerprint")
+    if fingerprint is None:
+        raise DeltaError(f"{where}: no base_fingerprint in its metadata; re-export the task with edgelora export")
+    if meta.get("format") not in DELTA_FORMATS:
+        raise DeltaError(f"{where}: delta format {meta.get('format')!r:.20}, this edgelora reads "
+                         f"{' or '.join(DELTA_FORMATS)}; re-export the task")
+    for key, t in tensors.items():
+        if t.dtype != np.float32:
+            raise DeltaError(f"{where}: tensor {key!r} is {t.dtype}; deltas hold float32 only (an integer or fp16 "
+                             "tensor would change the task's outputs); re-export the task")
+    scales = _json_meta(meta, "scales", dict, where) or {}
+    modules: dict[str, DeltaModule] = {}
+    for module, scale in sorted(scales.items()):
+        a, b = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
+        if a is None or b is None:
+            raise DeltaError(f"{where}: {module!r:.80}.lora_A / .lora_B missing; re-export the task")
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and np.isfinite(scale)):
+            raise DeltaError(f"{where}: {module}: scale {scale!r:.20} is not a finite number; re-export the task")
+        modules[module] = DeltaModule(module, a, b, float(scale))
+    head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    stray = sorted(set(tensors) - {f"{m}.lora_{p}" for m in modules for p in "AB"} - {f"head.{k}" for k in head})
+    if stray:
+        raise DeltaError(f"{where}: tensor {stray[0]!r} belongs to no module in the 'scales' metadata nor to the "
+                         "head; re-export the task")
+    labels = _json_meta(meta, "labels", list, where)
+    if labels is not None and not all(isinstance(x, str) for x in labels):
+        raise DeltaError(f"{where}: metadata 'labels' must be a list of strings; re-export the task")
+    return Delta(modules, head, fingerprint, labels)  # type: ignore[arg-type]
+
+
+def _json_meta(meta: Mapping[str, str], key: str, kind: type, where: str) -> Any:
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, kind):
+        raise DeltaError(f"{where}: metadata {key!r} is not a JSON {kind.__name__}; re-export the task")
+    return value
+
+
+def save_float32_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file byte for byte the same for the same input (sorted header, sorted data).
+
+    (``safetensors.numpy.save_file`` orders its metadata by hash, so two exports of the same adapter
+    would differ; re-running an export must be harmless and reproducible.)
+    """
+    header: dict[str, Any] = {}
+    chunks = []
+    offset = 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        chunks.append(a.tobytes())
+        offset += a.nbytes
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for c in chunks:
+            f.write(c)

@@ -1,0 +1,70 @@
+"""The deployment folder (``edgelora export -o OUT``): where each file lives.
+
+::
+
+    OUT/
+      manifest.json            format, base fingerprint, target, io spec, tasks, name map, and the size and
+                               sha256 of every other file (reports excepted); read by edgelora.format
+      base/model.onnx          the base engine (target precision); weights in base/model.onnx.data
+      base/swap.onnx           a base graph with the LoRA-target weights as inputs (the runtime's engine;
+                               fp32: the unfused graph, sharing base/lora.onnx.data; else the base engine,
+                               sharing base/model.onnx.data)
+      base/swap_w0.safetensors the pristine fp32 W0 of those weights (the runtime rebuilds W0 + s·B·A from it)
+      base/lora.onnx           the same, unfused, with LoRA branches whose A, B are graph inputs
+      tasks/NAME/delta.safetensors   A, B per module (fp32) + head tensors; scales, base fingerprint and
+                               label names in its metadata
+      tasks/NAME/model.onnx    the baked (merged) engine, when the target bakes them
+      tasks/NAME/adapter.onnx_adapter  the delta as ONNX Runtime adapter parameters for base/lora.onnx
+      tokenizer/               the base's tokenizer files
+      report.json, report.md   parity, sizes, latency
+
+The manifest's ``files`` table and every path field use these names; the runtime takes paths from the
+manifest only (checked by :mod:`.files`), never from here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .manifest import MANIFEST
+
+__all__ = ["MANIFEST"]
+
+BASE_ENGINE = "base/model.onnx"
+BASE_DATA = "model.onnx.data"  # external data of the base engine, shared by the swap graph
+SWAP_ENGINE = "base/swap.onnx"
+SWAP_W0 = "base/swap_w0.safetensors"
+LORA_ENGINE = "base/lora.onnx"  # the base with LoRA branches whose A, B are inputs
+LORA_DATA = "lora.onnx.data"  # its external data, shared by the fp32 swap graph
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+TOKENIZER_DIR = "tokenizer"
+
+
+def task_dir(name: str) -> str:
+    return f"tasks/{name}"
+
+
+def delta_path(name: str) -> str:
+    return f"tasks/{name}/delta.safetensors"
+
+
+def task_engine_path(name: str) -> str:
+    return f"tasks/{name}/model.onnx"
+
+
+def ort_adapter_path(name: str) -> str:
+    return f"tasks/{name}/adapter.onnx_adapter"
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_manifest_json(folder: Path) -> dict[str, Any]:
+    """The manifest as raw JSON, for tools reading a folder this edgelora wrote (the runtime reads it typed
+    and checked: :func:`edgelora.format.read_manifest`)."""
+    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
