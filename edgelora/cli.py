@@ -259,10 +259,14 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--allow-pickle", is_flag=True, help="Accept pickled adapter_model.bin files (loaded weights_only).")
 @click.option("--keep-failed", is_flag=True,
               help="Write the folder even when an engine misses its tolerance (the exit status is still 1).")
+@click.option("--bake", type=click.Choice(["auto", "reexport"]), default="auto", show_default=True,
+              help="Task engines: auto patches the base engine (seconds) where it can, else exports the merged "
+                   "model again; reexport always exports again (the reference patched engines are checked against).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def export(base: str | None, adapters: tuple[str, ...], target: str, output: Path | None, evals: tuple[str, ...],
-           threads: int, force: bool, allow_pickle: bool, keep_failed: bool, as_json: bool, quiet: bool) -> None:
+           threads: int, force: bool, allow_pickle: bool, keep_failed: bool, bake: str, as_json: bool,
+           quiet: bool) -> None:
     """Export a base engine, per-task deltas and baked engines for a target, verified against PyTorch."""
     from .export import default_adapters, format_table, report_rows
     from .export import export as run_export
@@ -276,7 +280,8 @@ def export(base: str | None, adapters: tuple[str, ...], target: str, output: Pat
     steps = 5 + 4 * len(pairs) + len(evals)
     with _steps(steps, f"export {tgt.name}", quiet) as step:
         result = run_export(base, pairs, tgt, output, evals=_pairs(evals, "--eval"), force=force,
-                            allow_pickle=allow_pickle, threads=threads, progress=step, keep_failed=keep_failed)
+                            allow_pickle=allow_pickle, threads=threads, progress=step, keep_failed=keep_failed,
+                            bake=bake)
     if as_json:
         _print_json(result.report)
         return

@@ -298,7 +298,7 @@ def test_export_is_repeatable_and_forceable(family_adapters, tmp_path, cli):
     args = ["export", "--base", base, "--adapter", f"a={adapters['t1']}", "-o", tmp_path / "o", "-q"]
     assert cli(*args).code == 0
     first = {p: (tmp_path / "o" / p).read_bytes() for p in ("base/model.onnx", "tasks/a/delta.safetensors",
-                                                             "tasks/a/model.onnx")}
+                                                             "base/task-a.onnx")}
     res = cli(*args)
     assert res.code == 2 and "--force" in res.err
     assert cli(*args, "--force").code == 0

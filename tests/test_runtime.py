@@ -287,7 +287,7 @@ def test_failed_activate_or_load_leaves_the_previous_task(exported, tmp_path):
     # a good file under a new name, then unload
     rt.load("t3", exported["bert"] / "tasks/t2/delta.safetensors")
     rt.activate("t3")
-    ref = _engine_run(_engine(exported["bert"], "tasks/t2/model.onnx"), {"input_ids": ids,
+    ref = _engine_run(_engine(exported["bert"], rt.manifest.tasks["t2"].engine), {"input_ids": ids,
                       "attention_mask": np.ones_like(ids)}, rt.manifest.raw["base"]["io"])["logits"]
     assert np.abs(rt.run(input_ids=ids)["logits"] - ref).max() <= 1e-5
     with pytest.raises(Exception, match="active"):

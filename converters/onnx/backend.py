@@ -46,9 +46,10 @@ class EngineBuild:
 class PatchPlan:
     """The base engine (loaded once, with its weights) and how it stores each LoRA-target initializer."""
 
-    model: Any
+    model: Any  # the graph, its weights left in ``data``
     encodings: Mapping[str, Any]
     locations: Mapping[str, WeightLocation]
+    data: Path  # base/model.onnx.data
 
 
 class OnnxRuntimeBackend:
@@ -168,18 +169,19 @@ class OnnxRuntimeBackend:
                 "modules": {m: loc.to_json() for m, loc in sorted(swap.locations.items())},
                 "weights": swap.weights}, None
 
-    def patch_plan(self, build: EngineBuild, weights: Mapping[str, np.ndarray],
-                   locations: Mapping[str, WeightLocation]) -> tuple[PatchPlan | None, str | None]:
-        """The base engine loaded once for patching, or (None, why) where its encodings cannot be reproduced."""
+    def patch_plan(self, out: Path, weights: Mapping[str, np.ndarray], locations: Mapping[str, WeightLocation]
+                   ) -> tuple[PatchPlan | None, str | None]:
+        """The saved base engine's graph (its weights left in base/model.onnx.data) and how it encodes each
+        LoRA-target initializer, or (None, why) where an encoding cannot be reproduced."""
         import onnx
 
         from .patch import encodings
 
-        model = onnx.load(str(build.final))
-        encs, reason = encodings(model, weights)
+        model = onnx.load(str(out / BASE_ENGINE), load_external_data=False)
+        encs, reason = encodings(model, weights, out / "base")
         if encs is None:
             return None, reason
-        return PatchPlan(model, encs, locations), None
+        return PatchPlan(model, encs, locations, out / "base" / BASE_DATA), None
 
     def task_patch_reason(self, lora_kinds: Mapping[str, str], dora: bool, bias: bool,
                           head: Mapping[str, np.ndarray], headless: bool) -> str | None:
@@ -190,13 +192,15 @@ class OnnxRuntimeBackend:
 
     def bake_patched(self, plan: PatchPlan, weights: Mapping[str, np.ndarray], modules: Mapping[str, DeltaModule],
                      layouts: Mapping[str, str], head: Mapping[str, np.ndarray] | None, dst: Path) -> None:
-        """The task engine: the base engine with the task's weights patched in (and its classifier, for a
-        headless encoder), one file."""
+        """The task engine ``dst`` (beside the base engine): the base engine's graph with the task's weights
+        patched in, inline (and its classifier, for a headless encoder); every other weight is read from the
+        base engine's data file, so a task costs its changed weights on disk, not a copy of the model."""
         import onnx
 
         from .patch import patch
 
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.parent != plan.data.parent:
+            raise ValueError(f"{dst}: a patched engine must sit beside {plan.data.name}")  # layout.task_engine_path
         onnx.save(patch(plan.model, plan.encodings, weights, plan.locations, modules, layouts, head), str(dst))
 
     def write_task_adapter(self, path: Path, modules: Mapping[str, DeltaModule], branches: Mapping[str, Any]

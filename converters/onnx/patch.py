@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,9 +46,10 @@ class Encoding:
     symmetric: bool = True
 
 
-def encodings(model: Any, fp32_weights: Mapping[str, np.ndarray]) -> tuple[dict[str, Encoding] | None, str | None]:
-    """The encoding of every initializer in ``fp32_weights`` in ``model`` (loaded with its data), each checked
-    to reproduce the engine's bytes from the fp32 W0; ``(None, reason)`` where one does not."""
+def encodings(model: Any, fp32_weights: Mapping[str, np.ndarray], folder: Path
+              ) -> tuple[dict[str, Encoding] | None, str | None]:
+    """The encoding of every initializer in ``fp32_weights`` in ``model`` (its external data in ``folder``), each
+    checked to reproduce the engine's bytes from the fp32 W0; ``(None, reason)`` where one does not."""
     from onnx import TensorProto, helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -59,7 +61,7 @@ def encodings(model: Any, fp32_weights: Mapping[str, np.ndarray]) -> tuple[dict[
             enc = Encoding("float32" if init.data_type == TensorProto.FLOAT else "float16", (name,))
         elif f"{name}_quantized" in inits and f"{name}_scale" in inits:
             zp = inits.get(f"{name}_zero_point")
-            if zp is not None and _array(zp).any():
+            if zp is not None and _array(zp, folder).any():
                 return None, f"{name}: int8 with zero points (asymmetric) is not re-encoded here"
             enc = Encoding("int8", (f"{name}_quantized", f"{name}_scale"))
         elif (q := next((f"{name}_Q{b}" for b in (4, 8) if f"{name}_Q{b}" in nbits), None)) is not None:
@@ -73,7 +75,7 @@ def encodings(model: Any, fp32_weights: Mapping[str, np.ndarray]) -> tuple[dict[
         if any(n not in inits for n in enc.names):
             return None, f"{name}: its encoded initializers are not all in the engine"
         try:
-            same = all(np.array_equal(a.reshape(-1).view(np.uint8), _array(inits[n]).reshape(-1).view(np.uint8))
+            same = all(np.array_equal(a.reshape(-1).view(np.uint8), _array(inits[n], folder).reshape(-1).view(np.uint8))
                        for a, n in zip(encode(enc, w0), enc.names, strict=True))
         except ValueError:
             same = False
@@ -133,7 +135,8 @@ def patch(model: Any, encs: Mapping[str, Encoding], fp32_weights: Mapping[str, n
           locations: Mapping[str, WeightLocation], modules: Mapping[str, DeltaModule], layouts: Mapping[str, str],
           head: Mapping[str, np.ndarray] | None) -> Any:
     """A copy of ``model`` with every initializer the task touches re-encoded from ``W0 + s·B·A`` (fp32, ΔW in
-    the module's layout) and, for a headless encoder, the classifier on ``pooler_output`` as the ``logits``."""
+    the module's layout), stored inline, and, for a headless encoder, the classifier on ``pooler_output`` as
+    the ``logits``. Initializers it does not touch keep their references into the base engine's data file."""
     import onnx
 
     task = onnx.ModelProto()
@@ -184,7 +187,12 @@ def _add_classifier(model: Any, head: Mapping[str, np.ndarray]) -> None:
     graph.output.append(out)
 
 
-def _array(init: Any) -> np.ndarray:
+def _array(init: Any, folder: Path) -> np.ndarray:
+    """An initializer's values, its external data read from ``folder`` (the proto keeps its reference)."""
     from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
+    if uses_external_data(init):
+        init = type(init).FromString(init.SerializeToString())
+        load_external_data_for_tensor(init, str(folder))
     return numpy_helper.to_array(init)

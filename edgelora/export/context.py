@@ -62,6 +62,7 @@ class ExportContext:
     allow_pickle: bool
     step: Callable[[str], None]
     backend: Any = None
+    bake: str = "auto"  # "reexport": every task engine exported again from the merged model
     # filled by the steps, in order
     prepared: dict[str, Prepared] = field(default_factory=dict)
     task: str = ""

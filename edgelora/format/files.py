@@ -173,12 +173,16 @@ def file_table(folder: Path, exclude_dirs: frozenset[str] = frozenset()) -> dict
     """``{relative path: FileEntry}`` of every regular file under ``folder`` but those in the top-level folders
     ``exclude_dirs`` (the exporter's side), sorted."""
     table: dict[str, FileEntry] = {}
+    seen: dict[tuple[int, int], FileEntry] = {}  # hard links (a task engine's data is the base's) hashed once
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if rel.split("/")[0] in exclude_dirs or not path.is_file() or path.is_symlink():
             continue
-        with open(path, "rb") as f:
-            table[rel] = FileEntry(path.stat().st_size, sha256_file(f.fileno()))
+        st = path.stat()
+        if (st.st_dev, st.st_ino) not in seen:
+            with open(path, "rb") as f:
+                seen[(st.st_dev, st.st_ino)] = FileEntry(st.st_size, sha256_file(f.fileno()))
+        table[rel] = seen[(st.st_dev, st.st_ino)]
     return table
 
 

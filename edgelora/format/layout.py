@@ -13,7 +13,9 @@
       base/lora.onnx           the same, unfused, with LoRA branches whose A, B are graph inputs
       tasks/NAME/delta.safetensors   A, B per module (fp32) + head tensors; scales, base fingerprint and
                                label names in its metadata
-      tasks/NAME/model.onnx    the baked (merged) engine, when the target bakes them
+      base/task-NAME.onnx      the baked engine of task NAME, when the target bakes them: the base engine's
+                               graph with the task's weights (W0 + s·B·A) inline, every other weight read
+                               from base/model.onnx.data (a re-exported engine holds all its weights)
       tasks/NAME/adapter.onnx_adapter  the delta as ONNX Runtime adapter parameters for base/lora.onnx
       tokenizer/               the base's tokenizer files
       report.json, report.md   parity, sizes, latency
@@ -52,7 +54,9 @@ def delta_path(name: str) -> str:
 
 
 def task_engine_path(name: str) -> str:
-    return f"tasks/{name}/model.onnx"
+    """Beside the base engine: a patched task engine reads every weight it does not change from
+    ``base/model.onnx.data`` (ONNX Runtime takes external data only from the model's own folder)."""
+    return f"base/task-{name}.onnx"
 
 
 def ort_adapter_path(name: str) -> str:
