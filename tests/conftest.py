@@ -163,3 +163,14 @@ def exported(family_adapters, tmp_path_factory):
             assert exc.code in (0, None), f"export {family} failed"
         out[family] = dst
     return out
+
+
+def schema_validator():
+    """A JSON Schema validator of manifest.json (the published schema, edgelora/format/manifest.schema.json)."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((REPO / "edgelora/format/manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)

@@ -147,6 +147,21 @@ def test_lora_branch_graph_is_the_base_at_rank_0_and_each_task_with_its_delta(fa
         assert np.abs(got - ref).max() <= 1e-4, (family, name, np.abs(got - ref).max())
 
 
+def test_every_exported_manifest_validates_against_the_published_schema(exported):
+    """The JSON Schema a runtime in another language reads (edgelora/format/manifest.schema.json) accepts every
+    family's manifest, and edgelora's own typed reader gives it back unchanged (one writer, one reader)."""
+    from conftest import schema_validator
+
+    from edgelora.format.manifest import parse_manifest
+
+    validator = schema_validator()
+    for family, dep in exported.items():
+        manifest = read_manifest(dep)
+        errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
+        assert not errors, (family, errors[0].message, list(errors[0].path))
+        assert parse_manifest(manifest).to_json() == manifest, family
+
+
 def test_manifest_and_report_follow_the_schema(exported, family_adapters):
     dep = exported["bert"]
     manifest = read_manifest(dep)

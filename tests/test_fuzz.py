@@ -102,16 +102,25 @@ def deployment(exported) -> Path:
 
 
 def test_fuzz_manifest(deployment):
+    """Also: whatever the published JSON Schema refuses, the reader refuses (it checks more: cross references,
+    the files table), so a runtime in another language that follows the schema is never laxer than ours."""
+    from conftest import schema_validator
+
     from edgelora.format.manifest import parse_manifest
 
     good = json.loads((deployment / "manifest.json").read_text())
     parse_manifest(good)  # the unmutated manifest is accepted
+    validator = schema_validator()
+    assert validator.is_valid(good)
 
     @settings(FUZZ, max_examples=1500)
     @given(st.data())
     def case(data: st.DataObject) -> None:
         doc = _mutate(data, good)
         _check("manifest", lambda: parse_manifest(doc, "fuzz/manifest.json"))
+        if not validator.is_valid(doc):
+            with pytest.raises(EdgeloraError):
+                parse_manifest(doc, "fuzz/manifest.json")
 
     case()
     _report("manifest")

@@ -24,7 +24,7 @@ import numpy as np
 from edgelora.errors import EdgeloraError
 from edgelora.format.delta import save_float32_safetensors
 from edgelora.format.layout import BASE_DATA, BASE_ENGINE, LORA_DATA, LORA_ENGINE, SWAP_ENGINE, SWAP_W0
-from edgelora.format.manifest import FORMAT_VERSION
+from edgelora.format.manifest import FORMAT_VERSION, LoraGraph, SwapSpec, SwapWeight
 from edgelora.lora import DeltaModule, stacked_feeds
 
 from .names import NameMapError, WeightLocation
@@ -100,7 +100,7 @@ class OnnxRuntimeBackend:
         return BASE_ENGINE
 
     def branch_graph(self, build: EngineBuild, out: Path, w0: Mapping[str, np.ndarray], target: Any
-                     ) -> dict[str, Any]:
+                     ) -> LoraGraph:
         """base/lora.onnx: the unfused base export with LoRA branches (A, B as inputs), target precision."""
         import onnx
 
@@ -124,12 +124,11 @@ class OnnxRuntimeBackend:
         add_lora_defaults(graph)
         onnx.save(graph, str(out / LORA_ENGINE), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=LORA_DATA, size_threshold=1024)
-        return {"engine": LORA_ENGINE, "inputs": {m: list(v) for m, v in sorted(inputs.items())},
-                "modules": {m: loc.to_json() for m, loc in sorted(locations.items())}}
+        return LoraGraph(LORA_ENGINE, {m: (a, b) for m, (a, b) in sorted(inputs.items())}, locations)
 
     def swap_graph(self, build: EngineBuild, out: Path, target: Any, weights: Mapping[str, np.ndarray],
-                   locations: Mapping[str, WeightLocation], branches: Mapping[str, Any] | None
-                   ) -> tuple[dict[str, Any] | None, str | None]:
+                   locations: Mapping[str, WeightLocation], branches: LoraGraph | None
+                   ) -> tuple[SwapSpec | None, str | None]:
         """base/swap.onnx + base/swap_w0.safetensors, or (None, why) when the base's encoding of a target
         weight cannot be rebuilt on the device (then tasks run unmerged on base/lora.onnx).
 
@@ -147,7 +146,7 @@ class OnnxRuntimeBackend:
         if not locations:
             return None, "no LoRA targets"
         if target.precision == "fp32" and branches is not None:
-            unfused_locs = {m: WeightLocation.from_json(d) for m, d in branches["modules"].items()}
+            unfused_locs = dict(branches.modules)
             wanted = {loc.initializer for loc in unfused_locs.values()}
             fp32 = {k: v for k, v in float_initializers(onnx.load(str(build.raw))).items() if k in wanted}
             unfused = out / "base" / "unfused.onnx"
@@ -165,9 +164,9 @@ class OnnxRuntimeBackend:
         if swap is None:
             return None, reason
         save_float32_safetensors(swap.w0, out / SWAP_W0, {"format": str(FORMAT_VERSION)})
-        return {"engine": SWAP_ENGINE, "w0": SWAP_W0, "graph": graph,
-                "modules": {m: loc.to_json() for m, loc in sorted(swap.locations.items())},
-                "weights": swap.weights}, None
+        weights_spec = {n: SwapWeight(w["recipe"], dict(w["inputs"]), (w["shape"][0], w["shape"][1]))
+                        for n, w in swap.weights.items()}
+        return SwapSpec(SWAP_ENGINE, SWAP_W0, dict(sorted(swap.locations.items())), weights_spec, graph), None
 
     def patch_plan(self, out: Path, weights: Mapping[str, np.ndarray], locations: Mapping[str, WeightLocation]
                    ) -> tuple[PatchPlan | None, str | None]:
@@ -203,15 +202,14 @@ class OnnxRuntimeBackend:
             raise ValueError(f"{dst}: a patched engine must sit beside {plan.data.name}")  # layout.task_engine_path
         onnx.save(patch(plan.model, plan.encodings, weights, plan.locations, modules, layouts, head), str(dst))
 
-    def write_task_adapter(self, path: Path, modules: Mapping[str, DeltaModule], branches: Mapping[str, Any]
-                           ) -> None:
+    def write_task_adapter(self, path: Path, modules: Mapping[str, DeltaModule], branches: LoraGraph) -> None:
         """The task as ONNX Runtime adapter parameters (``onnxruntime.AdapterFormat``) for base/lora.onnx:
         ``RunOptions.add_active_adapter(LoraAdapter)`` then feeds them without the caller passing A, B."""
         import onnxruntime as ort
 
         from .lora import in_out
 
-        dims = {m: in_out(WeightLocation.from_json(d)) for m, d in branches["modules"].items()}
+        dims = {m: in_out(loc) for m, loc in branches.modules.items()}
         fmt = ort.AdapterFormat()
         fmt.set_adapter_version(FORMAT_VERSION)
         fmt.set_model_version(FORMAT_VERSION)

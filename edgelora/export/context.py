@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..format.manifest import LoraGraph, SwapSpec
 from ..lora import DeltaModule
 from ..prepare import Prepared
 from ..target import Target
@@ -27,8 +28,8 @@ class BaseResult:
     parity: Parity | None = None
     latency_ms: float | None = None
     unfused_latency_ms: float | None = None
-    branches: dict[str, Any] | None = None  # the manifest's lora_graph entry
-    swap: dict[str, Any] | None = None
+    branches: LoraGraph | None = None  # base/lora.onnx
+    swap: SwapSpec | None = None  # base/swap.onnx
     swap_reason: str | None = None
     layouts: dict[str, str] = field(default_factory=dict)  # module -> layout its ΔW is computed in
     patch: Any = None  # the backend's PatchPlan, None where tasks are re-exported
@@ -45,7 +46,9 @@ class TaskResult:
     modules: dict[str, DeltaModule]
     head: dict[str, np.ndarray]
     not_swappable: str | None  # why the runtime cannot apply it as W0 + s·B·A (None: it can)
-    entry: dict[str, Any] = field(default_factory=dict)  # the manifest's task entry
+    ort_adapter: str | None = None  # its ONNX Runtime adapter file
+    engine: str | None = None  # its baked engine
+    engine_io: dict[str, Any] | None = None  # and how that is fed
     report: dict[str, Any] = field(default_factory=dict)  # the report's task row
     runtime_reference: np.ndarray | None = None  # the baked engine's logits on the runtime check's inputs
 

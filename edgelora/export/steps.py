@@ -41,8 +41,16 @@ from ..format.layout import (
     task_engine_path,
     write_json,
 )
-from ..format.location import WeightLocation
-from ..format.manifest import FORMAT_VERSION, TASK_NAME
+from ..format.manifest import (
+    FORMAT_VERSION,
+    TASK_NAME,
+    BaseInfo,
+    EngineIO,
+    Manifest,
+    ModuleInfo,
+    TargetInfo,
+    TaskEntry,
+)
 from ..fsutil import WORK_DIR
 from ..lora import DeltaModule, stacked_feeds
 from ..merge import merge_into_model
@@ -125,7 +133,7 @@ def build_runtime_graphs(ctx: ExportContext) -> None:
                                                          base.locations, base.branches)
     # each weight's ΔW is computed in the layout the swap graph feeds it, by the exporter's merge, the patcher
     # and the runtime alike: a swap then rebuilds the baked weights bit for bit
-    base.layouts = {m: WeightLocation.from_json(loc).layout for m, loc in (base.swap or {}).get("modules", {}).items()}
+    base.layouts = {m: loc.layout for m, loc in base.swap.modules.items()} if base.swap else {}
 
 
 def plan_baking(ctx: ExportContext) -> None:
@@ -156,22 +164,8 @@ def _delta(ctx: ExportContext, name: str, p: Prepared) -> TaskResult:
     branches = _base(ctx).branches
     if branches is not None and reason is None:
         ctx.backend.write_task_adapter(ctx.out / ort_adapter_path(name), modules, branches)
-    task.entry = {
-        "adapter_hash": p.plan.adapter_hash,
-        "adapter_path": str(Path(p.adapter.source).resolve()) if p.adapter.source else None,
-        "labels": list(p.head.labels) if p.head.labels else None,
-        "num_labels": p.head.num_labels,
-        "rank": max((t.lora.rank for t in p.plan.targets), default=0),
-        "scale": sorted({t.lora.scale for t in p.plan.targets}),
-        "targets": sorted({t.module.rsplit(".", 1)[-1] for t in p.plan.targets}),
-        "modules": {t.module: {"rank": t.lora.rank, "scale": t.lora.scale} for t in p.plan.targets},
-        "head": sorted(head),
-        "delta": delta_path(name),
-        "ort_adapter": ort_adapter_path(name) if (ctx.out / ort_adapter_path(name)).exists() else None,
-        "swappable": reason is None,
-        "not_swappable_reason": reason,
-        "engine": None,
-    }
+    if (ctx.out / ort_adapter_path(name)).exists():
+        task.ort_adapter = ort_adapter_path(name)
     task.report = {"accuracy": None, "torch_accuracy": None, "max_abs_diff": None, "cosine": None,
                    "agreement": None, "latency_ms": None, "engine_size_bytes": None,
                    "delta_size_bytes": engine_size(ctx.out / delta_path(name))}
@@ -187,7 +181,7 @@ def _check_branches(ctx: ExportContext, task: TaskResult) -> None:
     ctx.step(f"task {task.name}: unmerged (LoRA branches) check")
     model = task.prepared.model
     merge_into_model(model, task.prepared.plan, base.layouts)
-    dims = {m: WeightLocation.from_json(d).dims() for m, d in base.branches["modules"].items()}
+    dims = {m: loc.dims() for m, loc in base.branches.modules.items()}
     extra = stacked_feeds([task.modules], dims)
     parity = _check(_branch_session(ctx), model, base.build.spec, ctx, ctx.headless, extra)
     task.report["unmerged_max_abs_diff"], task.report["unmerged_cosine"] = parity.max_abs_diff, parity.cosine
@@ -219,8 +213,7 @@ def _bake(ctx: ExportContext, task: TaskResult) -> None:
         shutil.copy2(build.final, dst)
         spec = build.spec
         task.report["bake"] = f"re-exported: {reason}"
-    task.entry["engine"] = task_engine_path(task.name)
-    task.entry["engine_io"] = spec
+    task.engine, task.engine_io = task_engine_path(task.name), spec
 
 
 def _task_patch_reason(ctx: ExportContext, task: TaskResult) -> str | None:
@@ -235,13 +228,13 @@ def _verify_baked(ctx: ExportContext, task: TaskResult) -> None:
     p, tol = task.prepared, ctx.target.tolerance
     path = ctx.out / task_engine_path(task.name)
     sess = _session(ctx, path)
-    parity = _check(sess, p.model, task.entry["engine_io"], ctx, False)
+    parity = _check(sess, p.model, task.engine_io, ctx, False)
     task.report.update(parity.to_json())
     # a patched engine is the base engine's graph: its latency is the base's, so a few runs tell it
     runs = max(5, ctx.latency_runs // 6) if task.report.get("bake") == "patched" else ctx.latency_runs
-    task.report["latency_ms"] = _latency(ctx, sess, task.entry["engine_io"], runs)
+    task.report["latency_ms"] = _latency(ctx, sess, task.engine_io, runs)
     task.report["engine_size_bytes"] = engine_size(path)
-    task.runtime_reference = _runtime_reference(ctx, sess, task.entry["engine_io"])
+    task.runtime_reference = _runtime_reference(ctx, sess, task.engine_io)
     miss = within(parity, tol)
     if task.name in ctx.eval_sets:
         ctx.step(f"task {task.name}: accuracy on {Path(ctx.evals[task.name]).name}")
@@ -266,28 +259,26 @@ def write_manifest(ctx: ExportContext) -> None:
     copy_tokenizer(ctx.base_path, out / TOKENIZER_DIR)
     config = _first(ctx).model.config
     name = DEFAULT_BASE_NAME if ctx.base_path == bundled_base_path() else str(Path(ctx.base_path).resolve())
-    ctx.manifest = {
-        "format": FORMAT_VERSION,
-        "edgelora_version": __version__,
-        "task": ctx.task,
-        "base": {"name": name, "fingerprint": ctx.base_fingerprint, "model_type": ctx.family,
-                 "engine": base.engine, "io": base.build.spec, "headless": ctx.headless, "fused": base.build.fused,
-                 "vocab_size": int(config.vocab_size),
-                 # the longest sequence the position embeddings cover; the width a task head reads
-                 "max_positions": _config_int(config, "max_position_embeddings", "n_positions", "n_ctx"),
-                 "hidden_size": _config_int(config, "hidden_size", "n_embd", "d_model")},
-        "target": ctx.target.to_json(),
-        "tokenizer": TOKENIZER_DIR if any((out / TOKENIZER_DIR).iterdir()) else None,
-        "name_map": {"graph": "fused fp32" if base.build.fused else "fp32",
-                     "modules": {m: loc.to_json() for m, loc in sorted(base.locations.items())}},
-        "lora_graph": base.branches,
-        "swap": base.swap,
-        "swap_unavailable": base.swap_reason,
-        "tasks": {name: t.entry for name, t in ctx.tasks.items()},
+    target = ctx.target.to_json()
+    manifest = Manifest(
+        format=FORMAT_VERSION, edgelora_version=__version__, task=ctx.task,
+        base=BaseInfo(name, ctx.base_fingerprint, base.engine, _io(base.build.spec), ctx.headless,
+                      int(config.vocab_size),
+                      # the longest sequence the position embeddings cover; the width a task head reads
+                      _config_int(config, "max_position_embeddings", "n_positions", "n_ctx"),
+                      _config_int(config, "hidden_size", "n_embd", "d_model"), ctx.family, base.build.fused),
+        target=TargetInfo(ctx.target.name, ctx.target.provider, ctx.target.precision, ctx.target.shapes.sequence,
+                          target),
+        tokenizer=TOKENIZER_DIR if any((out / TOKENIZER_DIR).iterdir()) else None,
+        name_map=base.locations, name_map_graph="fused fp32" if base.build.fused else "fp32",
+        lora_graph=base.branches, swap=base.swap,
+        swap_unavailable=base.swap_reason,
+        tasks={name: _entry(t) for name, t in ctx.tasks.items()},
         # size and sha256 of every file the folder holds, reports (written after) excepted: the runtime
         # checks what it reads against them, `edgelora verify` checks all of them
-        "files": {rel: e.to_json() for rel, e in file_table(out, exclude_dirs=frozenset({WORK_DIR})).items()},
-    }
+        files=file_table(out, exclude_dirs=frozenset({WORK_DIR})),
+    )
+    ctx.manifest = manifest.to_json()
     write_json(out / MANIFEST, ctx.manifest)
 
 
@@ -306,7 +297,7 @@ def check_runtime(ctx: ExportContext) -> None:
     inputs = _runtime_inputs(ctx)
     for name, task in ctx.tasks.items():
         ref = task.runtime_reference
-        if ref is None or not task.entry.get("swappable", True):
+        if ref is None or task.not_swappable is not None:
             continue
         rt.activate(name)
         diff = float(np.abs(rt.run(**inputs)["logits"] - ref).max())
@@ -340,6 +331,25 @@ BUILD_STEPS = (build_base, build_runtime_graphs, plan_baking, export_tasks, writ
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _entry(t: TaskResult) -> TaskEntry:
+    p = t.prepared
+    return TaskEntry(
+        t.name, delta_path(t.name), tuple(p.head.labels) if p.head.labels else None, p.head.num_labels,
+        t.not_swappable is None, t.not_swappable, t.engine, _io(t.engine_io) if t.engine_io else None,
+        adapter_hash=p.plan.adapter_hash,
+        adapter_path=str(Path(p.adapter.source).resolve()) if p.adapter.source else None,
+        rank=max((x.lora.rank for x in p.plan.targets), default=0),
+        scale=tuple(sorted({x.lora.scale for x in p.plan.targets})),
+        targets=tuple(sorted({x.module.rsplit(".", 1)[-1] for x in p.plan.targets})),
+        modules={x.module: ModuleInfo(x.lora.rank, x.lora.scale) for x in p.plan.targets},
+        head=tuple(sorted(t.head)), ort_adapter=t.ort_adapter)
+
+
+def _io(spec: dict[str, Any]) -> EngineIO:
+    return EngineIO(spec["kind"], tuple(spec["inputs"]), tuple(spec["outputs"]), spec["num_layers"],
+                    spec["num_kv_heads"], spec["head_dim"])
+
+
 def _first(ctx: ExportContext) -> Prepared:
     return next(iter(ctx.prepared.values()))
 
@@ -391,7 +401,7 @@ def _branch_session(ctx: ExportContext) -> Any:
     """One session on base/lora.onnx for every task's branch check (each task feeds its own A, B)."""
     base = _base(ctx)
     if base.branch_session is None:
-        base.branch_session = _session(ctx, ctx.out / base.branches["engine"])  # type: ignore[index]
+        base.branch_session = _session(ctx, ctx.out / base.branches.engine)  # type: ignore[union-attr]
     return base.branch_session
 
 

@@ -25,6 +25,7 @@ from .location import WeightLocation
 FORMAT_VERSION = 3  # 3: sha256 + size of every file, labels in each delta, max_positions of the base
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
+SCHEMA = "manifest.schema.json"  # the same rules as JSON Schema, beside this file, for readers in other languages
 RECIPES = ("float32", "float16", "int8")  # how the runtime re-encodes a rebuilt weight (runtime/swap.py)
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -42,25 +43,43 @@ class EngineIO:
     num_kv_heads: int = 0
     head_dim: int = 0
 
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "inputs": list(self.inputs), "outputs": list(self.outputs),
+                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+
 
 @dataclass(frozen=True)
 class BaseInfo:
-    name: str
-    fingerprint: str
+    name: str  # the bundled base's name, or the folder it was read from
+    fingerprint: str  # sha256 over the base's tensors (edgelora.hashing)
     engine: str
     io: EngineIO
-    headless: bool
+    headless: bool  # encoders: the engine stops at the hidden states; each task's head travels in its delta
     vocab_size: int
     max_positions: int | None  # None: the base has no fixed limit
     hidden_size: int | None  # width of the states a task head reads
+    model_type: str = ""
+    fused: bool = False  # the engine went through a fusion pass
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "fingerprint": self.fingerprint, "model_type": self.model_type,
+                "engine": self.engine, "io": self.io.to_json(), "headless": self.headless, "fused": self.fused,
+                "vocab_size": self.vocab_size, "max_positions": self.max_positions, "hidden_size": self.hidden_size}
 
 
 @dataclass(frozen=True)
 class TargetInfo:
+    """The target the folder was exported for: the fields the runtime uses, and the whole target as written
+    (``spec``: backend, quantization recipe, shapes, tolerances; ``edgelora.target.Target.to_json``)."""
+
     name: str
     provider: str
     precision: str
     sequence: int  # [shapes] sequence: what engines were verified and timed at
+    spec: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.spec)
 
 
 @dataclass(frozen=True)
@@ -69,12 +88,19 @@ class LoraGraph:
     inputs: Mapping[str, tuple[str, str]]  # module -> (A input, B input)
     modules: Mapping[str, WeightLocation]
 
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "inputs": {m: list(v) for m, v in sorted(self.inputs.items())},
+                "modules": _locations_json(self.modules)}
+
 
 @dataclass(frozen=True)
 class SwapWeight:
     recipe: str  # one of RECIPES
     inputs: Mapping[str, str]  # "weight" (and "scale" for int8) -> graph input name
     shape: tuple[int, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "inputs": dict(self.inputs), "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,17 @@ class SwapSpec:
     w0: str
     modules: Mapping[str, WeightLocation]
     weights: Mapping[str, SwapWeight]
+    graph: str = ""  # which graph it was made from ("unfused", "base engine")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "w0": self.w0, "graph": self.graph, "modules": _locations_json(self.modules),
+                "weights": {n: w.to_json() for n, w in self.weights.items()}}
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    rank: int
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -95,6 +132,24 @@ class TaskEntry:
     not_swappable_reason: str | None
     engine: str | None
     engine_io: EngineIO | None
+    # what the task is, for people and tools (the runtime reads the delta itself)
+    adapter_hash: str | None = None
+    adapter_path: str | None = None  # where the adapter was read from on the machine that exported it
+    rank: int = 0
+    scale: tuple[float, ...] = ()
+    targets: tuple[str, ...] = ()
+    modules: Mapping[str, ModuleInfo] = field(default_factory=dict)
+    head: tuple[str, ...] = ()
+    ort_adapter: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"adapter_hash": self.adapter_hash, "adapter_path": self.adapter_path,
+                "labels": list(self.labels) if self.labels is not None else None, "num_labels": self.num_labels,
+                "rank": self.rank, "scale": list(self.scale), "targets": list(self.targets),
+                "modules": {m: {"rank": i.rank, "scale": i.scale} for m, i in self.modules.items()},
+                "head": list(self.head), "delta": self.delta, "ort_adapter": self.ort_adapter,
+                "swappable": self.swappable, "not_swappable_reason": self.not_swappable_reason,
+                "engine": self.engine, **({"engine_io": self.engine_io.to_json()} if self.engine_io else {})}
 
 
 @dataclass(frozen=True)
@@ -110,10 +165,23 @@ class Manifest:
     tasks: Mapping[str, TaskEntry]
     files: Mapping[str, FileEntry]
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    edgelora_version: str = ""
+    name_map_graph: str = ""  # the graph the name map was built on ("fused fp32", "fp32")
+    swap_unavailable: str | None = None  # why there is no swap graph
 
-    def files_under(self, folder: str) -> dict[str, FileEntry]:
-        prefix = folder.rstrip("/") + "/"
-        return {p: e for p, e in self.files.items() if p.startswith(prefix)}
+    def to_json(self) -> dict[str, Any]:
+        """The manifest.json this describes (``parse_manifest(m.to_json())`` gives ``m`` back)."""
+        return {"format": self.format, "edgelora_version": self.edgelora_version, "task": self.task,
+                "base": self.base.to_json(), "target": self.target.to_json(), "tokenizer": self.tokenizer,
+                "name_map": {"graph": self.name_map_graph, "modules": _locations_json(self.name_map)},
+                "lora_graph": self.lora_graph.to_json() if self.lora_graph else None,
+                "swap": self.swap.to_json() if self.swap else None, "swap_unavailable": self.swap_unavailable,
+                "tasks": {n: t.to_json() for n, t in self.tasks.items()},
+                "files": {rel: e.to_json() for rel, e in self.files.items()}}
+
+
+def _locations_json(locations: Mapping[str, WeightLocation]) -> dict[str, Any]:
+    return {m: loc.to_json() for m, loc in sorted(locations.items())}
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -140,14 +208,18 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     target = top.sub("target")
     shapes = target.sub("shapes")
     tgt = TargetInfo(target.text("name"), target.text("provider"), target.text("precision"),
-                     shapes.get("sequence", lambda v: _is_int(v) and v >= 1, "a positive integer"))
-    name_map = _locations(top.sub("name_map").sub("modules"))
+                     shapes.get("sequence", lambda v: _is_int(v) and v >= 1, "a positive integer"), target.d)
+    name_map_f = top.sub("name_map")
+    name_map = _locations(name_map_f.sub("modules"))
     lora = _lora_graph(top.sub("lora_graph")) if top.has("lora_graph") else None
     swap = _swap(top.sub("swap")) if top.has("swap") else None
     tasks_f = top.sub("tasks")
     tasks = {name: _task(name, tasks_f.sub(name)) for name in tasks_f.d}
     tokenizer = top.path("tokenizer") if top.has("tokenizer") else None
-    manifest = Manifest(fmt, top.text("task"), base, tgt, tokenizer, name_map, lora, swap, tasks, files, raw)
+    manifest = Manifest(fmt, top.text("task"), base, tgt, tokenizer, name_map, lora, swap, tasks, files, raw,
+                        top.get("edgelora_version", _is_str, "a string", optional=True, default=""),
+                        name_map_f.get("graph", _is_str, "a string", optional=True, default=""),
+                        top.get("swap_unavailable", _is_str, "a string", optional=True))
     _check_listed(manifest, where)
     return manifest
 
@@ -161,7 +233,9 @@ def _base(f: _Fields) -> BaseInfo:
     positive = (lambda v: _is_int(v) and v >= 1, "a positive integer")
     return BaseInfo(f.text("name"), fp, f.path("engine"), io, f.get("headless", _is_bool, "true or false"),
                     f.get("vocab_size", *positive), f.get("max_positions", *positive, optional=True),
-                    f.get("hidden_size", *positive, optional=True))
+                    f.get("hidden_size", *positive, optional=True),
+                    f.get("model_type", _is_str, "a string", optional=True, default=""),
+                    f.get("fused", _is_bool, "true or false", optional=True, default=False))
 
 
 def _io(f: _Fields) -> EngineIO:
@@ -208,7 +282,8 @@ def _swap(f: _Fields) -> SwapSpec:
         w8 = weights.get(loc.initializer)
         if w8 is None or w8.shape != loc.shape:
             raise f.error(f"modules.{m}.initializer", loc.initializer, "a weight listed in swap.weights, same shape")
-    return SwapSpec(f.path("engine"), f.path("w0"), modules, weights)
+    return SwapSpec(f.path("engine"), f.path("w0"), modules, weights,
+                    f.get("graph", _is_str, "a string", optional=True, default=""))
 
 
 def _task(name: str, f: _Fields) -> TaskEntry:
@@ -219,11 +294,24 @@ def _task(name: str, f: _Fields) -> TaskEntry:
     num = f.get("num_labels", lambda v: _is_int(v) and v >= 1, "a positive integer", optional=True)
     if labels is not None and num is not None and len(labels) != num:
         raise f.error("labels", labels, f"{num} names (num_labels)")
-    reason = f.get("not_swappable_reason", lambda v: isinstance(v, str), "a string", optional=True)
+    reason = f.get("not_swappable_reason", _is_str, "a string", optional=True)
     engine = f.path("engine") if f.has("engine") else None
-    io = _io(f.sub("engine_io")) if engine is not None and f.has("engine_io") else None
+    io = _io(f.sub("engine_io")) if f.has("engine_io") else None
+    number = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+    strings = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
+    modules_f = f.sub("modules") if f.has("modules") else _Fields({}, f.name("modules"), f.where)
+    modules = {m: ModuleInfo(modules_f.sub(m).get("rank", _is_count, "an integer ≥ 0"),
+                             float(modules_f.sub(m).get("scale", *number))) for m in modules_f.d}
     return TaskEntry(name, f.path("delta"), tuple(labels) if labels is not None else None, num,
-                     f.get("swappable", _is_bool, "true or false", optional=True, default=True), reason, engine, io)
+                     f.get("swappable", _is_bool, "true or false", optional=True, default=True), reason, engine, io,
+                     f.get("adapter_hash", _is_str, "a string", optional=True),
+                     f.get("adapter_path", _is_str, "a string", optional=True),
+                     f.get("rank", _is_count, "an integer ≥ 0", optional=True, default=0),
+                     tuple(float(x) for x in f.get("scale", lambda v: isinstance(v, list) and all(
+                         number[0](x) for x in v), "a list of numbers", optional=True, default=[])),
+                     tuple(f.get("targets", *strings, optional=True, default=[])), modules,
+                     tuple(f.get("head", *strings, optional=True, default=[])),
+                     f.path("ort_adapter") if f.has("ort_adapter") else None)
 
 
 def _check_listed(m: Manifest, where: str) -> None:
@@ -237,6 +325,8 @@ def _check_listed(m: Manifest, where: str) -> None:
         paths[f"tasks.{t.name}.delta"] = t.delta
         if t.engine:
             paths[f"tasks.{t.name}.engine"] = t.engine
+        if t.ort_adapter:
+            paths[f"tasks.{t.name}.ort_adapter"] = t.ort_adapter
     for fld, rel in paths.items():
         if rel not in m.files:
             raise DeploymentError(f"{where}: {fld} = {rel!r:.60} is not in the files table, so it cannot be "
@@ -253,6 +343,14 @@ def _is_int(v: Any) -> bool:
 
 def _is_bool(v: Any) -> bool:
     return isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_count(v: Any) -> bool:
+    return _is_int(v) and v >= 0
 
 
 class _Fields:
