@@ -62,8 +62,9 @@ def main() -> None:
     import onnxruntime as ort
 
     from edgelora.format.layout import read_manifest_json as read_manifest
-    from edgelora.format.safetensors import parse
+    from edgelora.format.manifest import read_manifest as read_checked
     from edgelora.runtime.sessions import session_options
+    from edgelora.runtime.swap import load_w0
 
     folder = args.folder
     if not (folder / "manifest.json").is_file():
@@ -78,7 +79,8 @@ def main() -> None:
     fed = set(swap["weights"])
     in_out = folder / "base" / "swap_in_out.onnx"
     _in_out_graph(folder / swap["engine"], in_out, fed)
-    w0, _ = parse((folder / swap["w0"]).read_bytes(), swap["w0"])
+    typed = read_checked(folder)
+    w0 = load_w0(folder, typed.files, typed.swap)
     out_in_feeds = {k: np.ascontiguousarray(w0[k]) for k in fed}
     in_out_feeds = {k: np.ascontiguousarray(v.T) for k, v in out_in_feeds.items()}
 

@@ -85,8 +85,7 @@ def test_a_swap_rebuilds_the_baked_engines_weights_bit_for_bit(family, tiny_dir,
     from edgelora.cli import main
     from edgelora.format.delta import read_delta
     from edgelora.format.manifest import parse_manifest
-    from edgelora.format.safetensors import parse
-    from edgelora.runtime.swap import SwapWeights
+    from edgelora.runtime.swap import SwapWeights, load_w0
 
     task_type, kw, labels = FAMILIES[family]
     kw = {k: v for k, v in kw.items() if k != "rank_pattern"} | {"r": 8}
@@ -100,9 +99,9 @@ def test_a_swap_rebuilds_the_baked_engines_weights_bit_for_bit(family, tiny_dir,
     readers = [n for n in graph.node if len(n.input) > 1 and n.input[1] in swap["weights"]]
     assert readers and all(n.op_type in ("FusedMatMul", "Gemm") and {a.name: a.i for a in n.attribute}["transB"] == 1
                            for n in readers), family
-    w0, _ = parse((dep / swap["w0"]).read_bytes(), swap["w0"])
-    spec = parse_manifest(manifest).swap
-    weights = SwapWeights(spec.weights, w0, spec.modules, threads=2)
+    typed = parse_manifest(manifest)
+    spec = typed.swap
+    weights = SwapWeights(spec.weights, load_w0(dep, typed.files, spec), spec.modules, threads=2)
     modules, _ = read_delta(dep / manifest["tasks"]["t"]["delta"])
     weights.build(weights.slots[0], modules)
     rebuilt = {m: WeightLocation.from_json(d).read(weights.slots[0].arrays[d["initializer"]])

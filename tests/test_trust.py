@@ -189,26 +189,46 @@ def test_delta_tensors_must_be_float32(labelled, tmp_path, dtype):
     assert "x" not in rt.tasks
 
 
-def test_w0_changed_after_export_is_refused(dep, cli):
-    """Finding: base/swap_w0.safetensors was trusted blindly: one tensor scaled ×1.01 or a NaN gave confident
-    wrong or NaN answers with exit 0. Now its hash is checked at open, and its values are checked finite."""
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_w0_changed_after_export_is_refused(precision, labelled, tiny_dir, tmp_path, cli):
+    """Finding: the swap's W0 was trusted blindly: one tensor scaled ×1.01 or a NaN gave confident wrong or NaN
+    answers with exit 0. Now its bytes are hashed at open and its values checked finite. fp32 folders read W0
+    where the engine's data file holds it (a manifest ``source``: those bytes are hashed); quantized ones
+    from base/swap_w0.safetensors."""
     from edgelora.errors import DeploymentError
-    from edgelora.format.safetensors import parse
 
-    rel = "base/swap_w0.safetensors"
+    dep = tmp_path / "dep"
+    if precision == "fp32":
+        shutil.copytree(labelled["dep"], dep)
+    else:
+        _export(tiny_dir("bert"), {"mood": labelled["mood"]}, dep, "--target", "cpu-int8")
+    manifest = json.loads((dep / "manifest.json").read_text())
+    name, weight = sorted(manifest["swap"]["weights"].items())[0]
+    if weight.get("source"):
+        rel, offset, length = weight["source"]["file"], weight["source"]["offset"], weight["source"]["length"]
+    else:
+        from edgelora.format.safetensors import parse
+
+        rel = manifest["swap"]["w0"]
+        raw = (dep / rel).read_bytes()
+        tensors, _ = parse(raw, rel)
+        length = tensors[name].nbytes
+        offset = len(raw) - sum(t.nbytes for t in tensors.values()) + sum(
+            t.nbytes for n, t in tensors.items() if n < name)  # tensors are stored in name order
     data = bytearray((dep / rel).read_bytes())
-    tensors, _ = parse(bytes(data), rel)
-    name = sorted(tensors)[0]
-    offset = len(data) - sum(t.nbytes for t in tensors.values())  # first tensor's data starts here (sorted)
-    w = np.frombuffer(bytes(data[offset:offset + tensors[name].nbytes]), np.float32) * np.float32(1.01)
-    data[offset:offset + w.nbytes] = w.tobytes()
+    w = np.frombuffer(bytes(data[offset:offset + length]), np.float32) * np.float32(1.01)
+    data[offset:offset + length] = w.tobytes()
     (dep / rel).write_bytes(bytes(data))
     with pytest.raises(DeploymentError, match="does not match the sha256"):
         Runtime.open(dep)
-    _cli_fails_in_one_line(cli, "run", dep, "--text", "hi", needle="swap_w0.safetensors")
+    _cli_fails_in_one_line(cli, "run", dep, "--text", "hi", needle=Path(rel).name)
     data[offset:offset + 4] = np.float32(np.nan).tobytes()
     (dep / rel).write_bytes(bytes(data))
-    _relist(dep, rel)  # hash consistent with the NaN: the value check must catch it
+    _relist(dep, rel)  # hashes consistent with the NaN: the value check must catch it
+    if weight.get("source"):
+        manifest = json.loads((dep / "manifest.json").read_text())
+        manifest["swap"]["weights"][name]["source"]["sha256"] = hashlib.sha256(data[offset:offset + length]).hexdigest()
+        (dep / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DeploymentError, match="not finite"):
         Runtime.open(dep)
 
@@ -307,7 +327,7 @@ def test_a_fifo_in_place_of_a_delta_is_refused_without_hanging(labelled, dep, cl
     (lambda m: m["base"].pop("io"), "base.io"),
     (lambda m: m["base"]["io"].update(inputs="input_ids"), "base.io.inputs"),
     (lambda m: m["base"].update(vocab_size="30522"), "base.vocab_size"),
-    (lambda m: m["swap"]["weights"][next(iter(m["swap"]["weights"]))].update(shape=[2 ** 70, 1]), "shape"),
+    (lambda m: m["swap"]["weights"][next(iter(m["swap"]["weights"]))].update(shape=[2 ** 70, 1]), "swap.weights"),
     (lambda m: m["swap"]["weights"][next(iter(m["swap"]["weights"]))].update(recipe="int3"), "recipe"),
     (lambda m: m["files"][next(iter(m["files"]))].update(size=-1), "size"),
     (lambda m: m["files"].pop("tasks/mood/delta.safetensors"), "not in the files table"),

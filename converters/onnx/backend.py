@@ -24,7 +24,7 @@ import numpy as np
 from edgelora.errors import EdgeloraError
 from edgelora.format.delta import save_float32_safetensors
 from edgelora.format.layout import BASE_DATA, BASE_ENGINE, LORA_DATA, LORA_ENGINE, SWAP_ENGINE, SWAP_W0
-from edgelora.format.manifest import FORMAT_VERSION, LoraGraph, SwapSpec, SwapWeight
+from edgelora.format.manifest import FORMAT_VERSION, LoraGraph, SwapSpec, SwapWeight, W0Source
 from edgelora.lora import DeltaModule, stacked_feeds
 
 from .names import NameMapError, WeightLocation
@@ -50,6 +50,16 @@ class PatchPlan:
     encodings: Mapping[str, Any]
     locations: Mapping[str, WeightLocation]
     data: Path  # base/model.onnx.data
+
+
+def _w0_source(engine: Path, src: Mapping[str, Any]) -> W0Source:
+    """The manifest's pointer to a W0 in the engine's data file, with the sha256 of exactly those bytes."""
+    import hashlib
+
+    with open(engine.parent / src["file"], "rb") as f:
+        f.seek(src["offset"])
+        digest = hashlib.sha256(f.read(src["length"])).hexdigest()
+    return W0Source(f"{engine.parent.name}/{src['file']}", src["offset"], src["length"], digest, src["transposed"])
 
 
 class OnnxRuntimeBackend:
@@ -163,10 +173,16 @@ class OnnxRuntimeBackend:
             graph = "base engine"
         if swap is None:
             return None, reason
-        save_float32_safetensors(swap.w0, out / SWAP_W0, {"format": str(FORMAT_VERSION)})
-        weights_spec = {n: SwapWeight(w["recipe"], dict(w["inputs"]), (w["shape"][0], w["shape"][1]))
+        # W0 of the float32 weights is read where it already lies (the engine's data file); only the others
+        # (fp16, int8: their engine holds no fp32 W0) get a file of their own
+        sources = {n: _w0_source(out / SWAP_ENGINE, src) for n, src in swap.sources.items()}
+        rest = {n: w for n, w in swap.w0.items() if n not in sources}
+        if rest:
+            save_float32_safetensors(rest, out / SWAP_W0, {"format": str(FORMAT_VERSION)})
+        weights_spec = {n: SwapWeight(w["recipe"], dict(w["inputs"]), (w["shape"][0], w["shape"][1]), sources.get(n))
                         for n, w in swap.weights.items()}
-        return SwapSpec(SWAP_ENGINE, SWAP_W0, dict(sorted(swap.locations.items())), weights_spec, graph), None
+        return SwapSpec(SWAP_ENGINE, SWAP_W0 if rest else None, dict(sorted(swap.locations.items())), weights_spec,
+                        graph), None
 
     def patch_plan(self, out: Path, weights: Mapping[str, np.ndarray], locations: Mapping[str, WeightLocation]
                    ) -> tuple[PatchPlan | None, str | None]:

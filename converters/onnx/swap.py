@@ -33,7 +33,7 @@ unfused graph's (``base/lora.onnx.data``, see ``edgelora.export._swap_graph``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ class SwapGraph:
     weights: dict[str, Any]
     w0: dict[str, np.ndarray]
     locations: dict[str, WeightLocation]
+    # float32 weights: where their W0 already lies in the engine's external data (file name, offset, length,
+    # stored transposed relative to how it is fed), so no second copy of it need be written
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def make_swap_graph(engine: Path, dst: Path, fp32_weights: Mapping[str, np.ndarray],
@@ -68,6 +71,7 @@ def make_swap_graph(engine: Path, dst: Path, fp32_weights: Mapping[str, np.ndarr
     inits = {i.name: i for i in model.graph.initializer}
     weights: dict[str, Any] = {}
     w0s: dict[str, np.ndarray] = {}
+    sources: dict[str, dict[str, Any]] = {}
     locs = dict(locations)
     flip: set[str] = set()
     for name in sorted({loc.initializer for loc in locations.values()}):
@@ -82,6 +86,9 @@ def make_swap_graph(engine: Path, dst: Path, fp32_weights: Mapping[str, np.ndarr
                     if loc.initializer == name:
                         locs[m] = WeightLocation(name, w0.shape, False, loc.slice)
             weights[name] = {"recipe": recipe, "inputs": {"weight": name}, "shape": list(w0.shape)}
+            where = _external(inits[name])
+            if recipe == "float32" and where is not None:
+                sources[name] = {**where, "transposed": name in flip}
         elif f"{name}_quantized" in inits and f"{name}_scale" in inits:
             q_init, s_init = inits[f"{name}_quantized"], inits[f"{name}_scale"]
             zp = inits.get(f"{name}_zero_point")
@@ -110,7 +117,7 @@ def make_swap_graph(engine: Path, dst: Path, fp32_weights: Mapping[str, np.ndarr
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     onnx.save(model, str(dst))
-    return SwapGraph(weights, w0s, locs), None
+    return SwapGraph(weights, w0s, locs, sources), None
 
 
 def _reads_as_b(model: Any, name: str) -> bool:
@@ -161,6 +168,16 @@ def _array(init: Any, engine: Path) -> np.ndarray:
         init = type(init).FromString(init.SerializeToString())
         load_external_data_for_tensor(init, str(engine.parent))
     return numpy_helper.to_array(init)
+
+
+def _external(init: Any) -> dict[str, Any] | None:
+    """(file, offset, length) of an initializer kept in an external data file, or None when it is inline."""
+    from onnx.external_data_helper import uses_external_data
+
+    if not uses_external_data(init):
+        return None
+    info = {e.key: e.value for e in init.external_data}
+    return {"file": info["location"], "offset": int(info.get("offset", 0)), "length": int(info["length"])}
 
 
 def _encoding(inits: Mapping[str, Any], name: str) -> str:

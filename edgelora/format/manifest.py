@@ -94,19 +94,38 @@ class LoraGraph:
 
 
 @dataclass(frozen=True)
+class W0Source:
+    """Where a float32 weight's pristine W0 already lies in an engine's external data file: ``length`` bytes
+    at ``offset`` of ``file``, little-endian float32, stored transposed relative to how it is fed when
+    ``transposed``; ``sha256`` of those bytes (the file as a whole is only size-checked at open)."""
+
+    file: str
+    offset: int
+    length: int
+    sha256: str
+    transposed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "offset": self.offset, "length": self.length, "sha256": self.sha256,
+                "transposed": self.transposed}
+
+
+@dataclass(frozen=True)
 class SwapWeight:
     recipe: str  # one of RECIPES
     inputs: Mapping[str, str]  # "weight" (and "scale" for int8) -> graph input name
     shape: tuple[int, int]
+    source: W0Source | None = None  # else its W0 is in the swap's ``w0`` safetensors file
 
     def to_json(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "inputs": dict(self.inputs), "shape": list(self.shape)}
+        return {"recipe": self.recipe, "inputs": dict(self.inputs), "shape": list(self.shape),
+                **({"source": self.source.to_json()} if self.source else {})}
 
 
 @dataclass(frozen=True)
 class SwapSpec:
     engine: str
-    w0: str
+    w0: str | None  # safetensors of the W0 of the weights without a ``source`` (None: every weight has one)
     modules: Mapping[str, WeightLocation]
     weights: Mapping[str, SwapWeight]
     graph: str = ""  # which graph it was made from ("unfused", "base engine")
@@ -277,13 +296,28 @@ def _swap(f: _Fields) -> SwapSpec:
             isinstance(x, str) and x for x in v.values()), f"an object with {', '.join(sorted(want))} names")
         shape = w.get("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(
             _is_int(x) and x >= 1 for x in v), "two positive integers")
-        weights[name] = SwapWeight(recipe, dict(inputs), (shape[0], shape[1]))
+        source = _source(w.sub("source"), recipe, shape) if w.has("source") else None
+        weights[name] = SwapWeight(recipe, dict(inputs), (shape[0], shape[1]), source)
     for m, loc in modules.items():
         w8 = weights.get(loc.initializer)
         if w8 is None or w8.shape != loc.shape:
             raise f.error(f"modules.{m}.initializer", loc.initializer, "a weight listed in swap.weights, same shape")
-    return SwapSpec(f.path("engine"), f.path("w0"), modules, weights,
+    w0 = f.path("w0") if f.has("w0") else None
+    if w0 is None and any(w.source is None for w in weights.values()):
+        raise f.error("w0", None, "a W0 file: some weights have no source")
+    return SwapSpec(f.path("engine"), w0, modules, weights,
                     f.get("graph", _is_str, "a string", optional=True, default=""))
+
+
+def _source(f: _Fields, recipe: str, shape: list[int]) -> W0Source:
+    if recipe != "float32":
+        raise f.error("file", recipe, "a float32 weight's (only float32 W0 is read from an engine's data)")
+    length = f.get("length", _is_count, "an integer ≥ 0")
+    if length != 4 * shape[0] * shape[1]:
+        raise f.error("length", length, f"4 · {shape[0]} · {shape[1]} bytes (the weight's float32 size)")
+    return W0Source(f.path("file"), f.get("offset", _is_count, "an integer ≥ 0"), length,
+                    f.get("sha256", lambda v: isinstance(v, str) and _HEX64.fullmatch(v), "a sha256 hex digest"),
+                    f.get("transposed", _is_bool, "true or false"))
 
 
 def _task(name: str, f: _Fields) -> TaskEntry:
@@ -320,7 +354,12 @@ def _check_listed(m: Manifest, where: str) -> None:
     if m.lora_graph:
         paths["lora_graph.engine"] = m.lora_graph.engine
     if m.swap:
-        paths |= {"swap.engine": m.swap.engine, "swap.w0": m.swap.w0}
+        paths["swap.engine"] = m.swap.engine
+        if m.swap.w0 is not None:
+            paths["swap.w0"] = m.swap.w0
+        for name, w in m.swap.weights.items():
+            if w.source is not None:
+                paths[f"swap.weights.{name}.source.file"] = w.source.file
     for t in m.tasks.values():
         paths[f"tasks.{t.name}.delta"] = t.delta
         if t.engine:

@@ -38,15 +38,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeltaError, DeploymentError, EdgeloraError, InputError
-from ..format.files import check_sizes, map_file, read_bytes, verify_files
-from ..format.manifest import FORMAT_VERSION, TASK_NAME, Manifest, SwapSpec, read_manifest
-from ..format.safetensors import parse
+from ..format.files import check_sizes, read_bytes, verify_files
+from ..format.manifest import FORMAT_VERSION, TASK_NAME, Manifest, read_manifest
 from ..lora import concat_feeds, stacked_feeds
 from .heads import apply_head, unsupported
 from .inputs import FeedChecker, as_ints
 from .sessions import open_session, run_session
 from .store import AdapterStore, DeltaRules, TaskDelta
-from .swap import SlotPool, SwapWeights
+from .swap import SlotPool, SwapWeights, load_w0
 
 SUPPORTED_FORMAT = FORMAT_VERSION
 
@@ -113,7 +112,8 @@ class Runtime:
         self._swap: SwapWeights | None = None
         if swap is not None:
             workers = min(threads or os.cpu_count() or 1, 4)
-            self._swap = SwapWeights(swap.weights, self._read_w0(swap), swap.modules, threads=workers, slots=slots)
+            self._swap = SwapWeights(swap.weights, load_w0(folder, manifest.files, swap), swap.modules,
+                                     threads=workers, slots=slots)
             self.mode = "swap"
             self._session = self._open(swap.engine)
             dims = self._swap.dims()
@@ -175,15 +175,6 @@ class Runtime:
     def _open(self, rel: str) -> Any:
         return open_session(self.folder, rel, self.provider, self.threads, self.spinning,
                             self.manifest.files.get(rel))
-
-    def _read_w0(self, swap: SwapSpec) -> dict[str, np.ndarray]:
-        """The pristine W0 of the swapped weights: memory-mapped, hashed, float32 and finite, or refused."""
-        where = str(self.folder / swap.w0)
-        tensors, _ = parse(map_file(self.folder, swap.w0, "swap W0 file", self.manifest.files[swap.w0]), where)
-        for name, w in tensors.items():
-            if w.dtype != np.float32 or not np.isfinite(w).all():
-                raise DeploymentError(f"{where}: W0 tensor {name!r} is not finite float32; re-export the folder")
-        return tensors
 
     def _lora(self) -> Any:
         with self._cache_lock:

@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from threading import Condition, Lock
 from typing import Any
 
 import numpy as np
 
 from ..errors import DeploymentError
+from ..format.files import FileEntry, map_file
 from ..format.location import WeightLocation
-from ..format.manifest import SwapWeight
+from ..format.manifest import SwapSpec, SwapWeight
+from ..format.safetensors import parse
 from ..lora import DeltaModule, int8_per_column, int8_per_column_into, lora_delta_in_out, lora_delta_out_in
 
 
@@ -298,3 +302,28 @@ class SlotPool:
         for i in range(len(self.held)):
             if i != active:
                 self.held[i] = _UNKNOWN
+
+
+def load_w0(folder: Path, files: Mapping[str, FileEntry], swap: SwapSpec) -> dict[str, np.ndarray]:
+    """The pristine W0 of the swapped weights, hashed, float32 and finite, or refused: from the swap's own
+    safetensors file (memory-mapped), or where the engine's data file already holds it (those bytes)."""
+    tensors: dict[str, np.ndarray] = {}
+    if swap.w0 is not None:
+        tensors, _ = parse(map_file(folder, swap.w0, "swap W0 file", files[swap.w0]), str(folder / swap.w0))
+    maps: dict[str, Any] = {}
+    for name, w in swap.weights.items():
+        src = w.source
+        if src is None:
+            continue
+        if src.file not in maps:
+            maps[src.file] = map_file(folder, src.file, "engine data file", None)  # its size is checked at open
+        data = memoryview(maps[src.file])[src.offset:src.offset + src.length]
+        if len(data) != src.length or hashlib.sha256(data).hexdigest() != src.sha256:
+            raise DeploymentError(f"{folder / src.file}: the W0 of {name!r} at offset {src.offset} does not match "
+                                  "the sha256 in the manifest; re-export the folder")
+        stored = np.frombuffer(data, "<f4").reshape(w.shape[::-1] if src.transposed else w.shape)
+        tensors[name] = np.ascontiguousarray(stored.T if src.transposed else stored)
+    for name, t in tensors.items():
+        if t.dtype != np.float32 or not np.isfinite(t).all():
+            raise DeploymentError(f"{folder}: W0 tensor {name!r} is not finite float32; re-export the folder")
+    return tensors
