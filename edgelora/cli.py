@@ -359,6 +359,33 @@ def run(folder: Path, task: str | None, texts: tuple[str, ...], max_new_tokens: 
 
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--mixed/--no-mixed", default=None,
+              help="Keep the LoRA-branch graph for mixed-task batches (default: where it adds no data file).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def pack(folder: Path, output: Path, mixed: bool | None, force: bool, as_json: bool) -> None:
+    """Write the device bundle of a deployment folder: only what edgelora.runtime reads on the device."""
+    from .export.bundle import pack as run_pack
+    from .export.report import engine_size
+
+    bundle = run_pack(folder, output, mixed=mixed, force=force)
+    m = bundle.manifest
+    base = engine_size(folder / m.base.engine)
+    deltas = sum(e.size for f, e in m.files.items() if f in {t.delta for t in m.tasks.values()})
+    summary = {"output": str(output), "files": bundle.files, "bytes": bundle.size_bytes,
+               "base_engine_bytes": base, "deltas_bytes": deltas,
+               "vs_base_and_deltas": round(bundle.size_bytes / (base + deltas), 4)}
+    if as_json:
+        _print_json(summary)
+    else:
+        click.echo(f"wrote {output}: {len(bundle.files) + 1} files, {_human_bytes(bundle.size_bytes)} "
+                   f"({summary['vs_base_and_deltas']:.3f}x the base engine + deltas, "
+                   f"{_human_bytes(base + deltas)})")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def verify(folder: Path, as_json: bool) -> None:
     """Check a deployment folder as the runtime would, and more: every file's size and sha256 against the

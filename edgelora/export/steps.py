@@ -318,6 +318,7 @@ def write_report(ctx: ExportContext) -> None:
                  "unfused_latency_ms": base.unfused_latency_ms},
         "tasks": {name: t.report for name, t in ctx.tasks.items()},
         "bake": {"patched": base.patch is not None, "reason": base.patch_reason},
+        "device_bundle": _bundle_size(ctx),
         "export_seconds": round(time.perf_counter() - ctx.started, 1),
         "machine": {"threads": ctx.threads, "cpu": platform.processor() or platform.machine()},
         "failures": ctx.failures,
@@ -348,6 +349,19 @@ def _entry(t: TaskResult) -> TaskEntry:
 def _io(spec: dict[str, Any]) -> EngineIO:
     return EngineIO(spec["kind"], tuple(spec["inputs"]), tuple(spec["outputs"]), spec["num_layers"],
                     spec["num_kv_heads"], spec["head_dim"])
+
+
+def _bundle_size(ctx: ExportContext) -> dict[str, Any]:
+    """What `edgelora pack` would write: its bytes, beside the base engine's and the deltas'."""
+    from ..format.manifest import read_manifest
+    from .bundle import plan_bundle
+
+    manifest = read_manifest(ctx.out)
+    bundle = plan_bundle(ctx.out, manifest)
+    base = engine_size(ctx.out / manifest.base.engine)
+    deltas = sum(manifest.files[t.delta].size for t in manifest.tasks.values())
+    return {"bytes": bundle.size_bytes, "files": len(bundle.files), "base_engine_bytes": base,
+            "deltas_bytes": deltas, "vs_base_and_deltas": round(bundle.size_bytes / (base + deltas), 4)}
 
 
 def _first(ctx: ExportContext) -> Prepared:

@@ -349,8 +349,9 @@ def _task(name: str, f: _Fields) -> TaskEntry:
 
 
 def _check_listed(m: Manifest, where: str) -> None:
-    """Every file the runtime may open is in the ``files`` table (so its size and hash are known)."""
-    paths = {"base.engine": m.base.engine}
+    """Every file the runtime may open is in the ``files`` table (so its size and hash are known). The base
+    engine is opened only where there is neither a swap nor a branch graph (a device bundle leaves it out)."""
+    paths = {} if m.swap or m.lora_graph else {"base.engine": m.base.engine}
     if m.lora_graph:
         paths["lora_graph.engine"] = m.lora_graph.engine
     if m.swap:
