@@ -47,3 +47,31 @@ def test_installed_wheel_runs_from_its_own_copy(wheel, tmp_path):
                           "--json"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert '"rank": 8' in res.stdout
+
+
+@pytest.mark.slow
+def test_the_wheel_in_a_fresh_venv_exports_with_no_arguments(wheel, tmp_path):
+    """`pip install edgelora-*.whl` into a new virtual environment (its dependencies from the package index, torch
+    pinned by constraints.txt as CI pins it), then `edgelora export` with no arguments, outside the checkout: the
+    bundled base and the example adapters shipped in the wheel, verified and written to out/cpu-fp32; then the
+    on-device runtime of that install classifies with it. ~1 min (the pip cache and the local torch file help)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"),
+                          str(wheel)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | {"HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([str(venv / "bin/edgelora"), "export", "-q"], cwd=work, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (work / "out/cpu-fp32/manifest.json").is_file() and "sst2" in res.stdout and "agnews" in res.stdout
+    res = subprocess.run([str(venv / "bin/edgelora"), "run", "out/cpu-fp32", "--task", "sst2", "--text",
+                          "a gorgeous, witty, seductive movie", "--json"], cwd=work, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '"label": "positive"' in res.stdout
+    where = subprocess.run([str(venv / "bin/python"), "-c", "import edgelora; print(edgelora.__file__)"], cwd=work,
+                           env=env, capture_output=True, text=True).stdout
+    assert Path(where.strip()).is_relative_to(venv), where

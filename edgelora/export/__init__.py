@@ -45,9 +45,10 @@ class ExportResult:
 
 
 def example_adapters_dir() -> Path:
-    """The example adapters: installed as package data (``edgelora/examples/adapters``), or in the checkout."""
-    installed = Path(str(resources.files("edgelora") / "examples" / "adapters"))
-    if installed.is_dir():
+    """The example adapters: installed with the package (``examples/adapters`` ships as ``edgelora/examples``),
+    or in the checkout (an editable install)."""
+    installed = Path(str(resources.files("edgelora") / "examples"))
+    if any(installed.glob("*/adapter_config.json")):
         return installed
     return Path(__file__).resolve().parents[2] / "examples" / "adapters"
 

@@ -8,10 +8,17 @@ from typing import Any
 
 
 def engine_size(path: Path) -> int:
-    """Bytes of a file plus its external-data file (``model.onnx`` + ``model.onnx.data``)."""
+    """Bytes an engine needs: its file plus every external data file it reads (a patched task engine reads the
+    base engine's, so this counts what it takes to run it alone, not what it adds to the folder). Any other
+    file: its size."""
     total = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    return total + (data.stat().st_size if data.exists() else 0)
+    if path.suffix != ".onnx":
+        return total
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+    return total + sum((path.parent / f).stat().st_size for f in files)
 
 
 def _mb(n: int | None) -> str:
@@ -24,14 +31,14 @@ def _fmt(v: Any, spec: str) -> str:
 
 def report_rows(report: Mapping[str, Any]) -> list[list[str]]:
     b = report["base"]
-    rows = [["engine", "accuracy (torch)", "max |Δ|", "cosine", "agreement", "latency", "engine size", "delta size"],
+    rows = [["engine", "accuracy (torch)", "max |Δ|", "cosine", "agreement", "latency", "engine size", "task adds"],
             ["base", "-", _fmt(b.get("max_abs_diff"), ".2e"), _fmt(b.get("cosine"), ".6f"),
              _fmt(b.get("agreement"), ".3f"), f"{b['latency_ms']:.2f} ms", _mb(b["size_bytes"]), "-"]]
     for name, t in report["tasks"].items():
         acc = "-" if t["accuracy"] is None else f"{t['accuracy']:.2%} ({t['torch_accuracy']:.2%})"
         rows.append([name, acc, _fmt(t["max_abs_diff"], ".2e"), _fmt(t["cosine"], ".6f"),
                      _fmt(t["agreement"], ".3f"), "-" if t["latency_ms"] is None else f"{t['latency_ms']:.2f} ms",
-                     _mb(t["engine_size_bytes"]), _mb(t["delta_size_bytes"])])
+                     _mb(t["engine_size_bytes"]), _mb(t.get("task_bytes", t["delta_size_bytes"]))])
     return rows
 
 

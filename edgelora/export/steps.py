@@ -234,6 +234,9 @@ def _verify_baked(ctx: ExportContext, task: TaskResult) -> None:
     runs = max(5, ctx.latency_runs // 6) if task.report.get("bake") == "patched" else ctx.latency_runs
     task.report["latency_ms"] = _latency(ctx, sess, task.engine_io, runs)
     task.report["engine_size_bytes"] = engine_size(path)
+    # what the task adds to the folder: its delta, adapter file and engine file (not the base data it shares)
+    own = [delta_path(task.name), task.engine, task.ort_adapter]
+    task.report["task_bytes"] = sum((ctx.out / f).stat().st_size for f in own if f)
     task.runtime_reference = _runtime_reference(ctx, sess, task.engine_io)
     miss = within(parity, tol)
     if task.name in ctx.eval_sets:
