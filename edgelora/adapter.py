@@ -108,7 +108,9 @@ class AdapterConfig:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], source: str = CONFIG_NAME) -> AdapterConfig:
+    # complexity: one flat check per PEFT field, each with its own message naming the field; splitting them
+    # would scatter the one list a reader checks against PEFT's LoraConfig
+    def from_dict(cls, raw: Mapping[str, Any], source: str = CONFIG_NAME) -> AdapterConfig:  # noqa: C901
         """Validate a parsed ``adapter_config.json``; every error names the field and the fix."""
         if not isinstance(raw, Mapping):
             raise EdgeloraError(f"{source} must hold a JSON object; re-save the adapter with PEFT")
@@ -363,7 +365,9 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     return build_adapter(config, tensors, metadata=metadata, record=record, source=folder, where=weights_path)
 
 
-def build_adapter(
+# complexity: one check per way a module's tensors can be malformed (pairing, shapes, rank, DoRA, bias),
+# each with its own message; they read in the order PEFT builds a LoRA layer
+def build_adapter(  # noqa: C901
     config: AdapterConfig,
     tensors: Mapping[str, torch.Tensor],
     *,

@@ -59,6 +59,62 @@ def _peft_unmerged(manifest: dict[str, Any], name: str, threads: int) -> Callabl
     return model
 
 
+def _branch_fns(folder: Path, manifest: dict[str, Any], feeds: dict[str, Any], provider: str, threads: int
+                ) -> dict[str, Callable[[], Any]]:
+    """Each swappable task as LoRA branches on base/lora.onnx (how ONNX Runtime's multi-LoRA API runs it)."""
+    from .format.delta import read_delta
+    from .format.location import WeightLocation
+    from .lora import stacked_feeds
+    from .verify import session
+
+    lora_graph = manifest.get("lora_graph")
+    if not lora_graph:
+        return {}
+    lsess = session(folder / lora_graph["engine"], provider, threads)
+    dims = {m: WeightLocation.from_json(d).dims() for m, d in lora_graph["modules"].items()}
+    fns: dict[str, Callable[[], Any]] = {}
+    for name, entry in manifest["tasks"].items():
+        if not entry.get("swappable", True):
+            continue  # DoRA / LoRA bias: not a W0 + s·B·A update, so no branch form
+        modules, _ = read_delta(folder / entry["delta"])
+        call = {**feeds, **stacked_feeds([modules], dims)}
+        fns[f"{name} (LoRA branches, ONNX)"] = (lambda s=lsess, f=call: s.run(None, f))
+    return fns
+
+
+def _peft_fn(manifest: dict[str, Any], name: str, threads: int, feeds: dict[str, Any], batch: int, seq: int,
+             vocab: int) -> Callable[[], Any] | None:
+    """One call of PEFT's unmerged model on the engines' input (decoders: one decode step at the same context)."""
+    import numpy as np
+
+    model = _peft_unmerged(manifest, name, threads)
+    if model is None:
+        return None
+    import torch
+
+    ids = torch.from_numpy(np.ascontiguousarray(feeds["input_ids"]))
+    if manifest["task"] == "causal-lm":
+        # a cache of sequence-1 positions, one new token
+        with torch.no_grad():
+            prefix = torch.randint(5, vocab, (batch, seq - 1), generator=torch.Generator().manual_seed(0))
+            cache = model(input_ids=prefix, use_cache=True).past_key_values
+
+        def step(m: Any = model, c: Any = cache, i: Any = ids) -> Any:
+            with torch.no_grad():
+                out = m(input_ids=i, past_key_values=c, use_cache=True)
+            c.crop(-i.shape[1])  # drop the new token: the same context for the next call
+            return out
+
+        return step
+    mask = torch.ones_like(ids)
+
+    def fwd(m: Any = model, i: Any = ids, k: Any = mask) -> Any:
+        with torch.no_grad():
+            return m(input_ids=i, attention_mask=k)
+
+    return fwd
+
+
 def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int = 10, peft: bool = True
           ) -> dict[str, Any]:
     import numpy as np
@@ -87,21 +143,7 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
         feeds = latency_inputs(sess, io, batch, seq, vocab)
         feeds_of[name] = feeds
         fns[name] = (lambda s=sess, f=feeds: s.run(None, f))
-    lora_graph = manifest.get("lora_graph")
-    if lora_graph:
-        from .converters.onnx.lora import branch_feeds
-        from .converters.onnx.names import WeightLocation
-        from .format.delta import read_delta
-
-        lsess = session(folder / lora_graph["engine"], target["provider"], threads)
-        locations = {m: WeightLocation.from_json(d) for m, d in lora_graph["modules"].items()}
-        inputs = {m: tuple(v) for m, v in lora_graph["inputs"].items()}
-        for name, entry in manifest["tasks"].items():
-            if not entry.get("swappable", True):
-                continue  # DoRA / LoRA bias: not a W0 + s·B·A update, so no branch form
-            modules, _ = read_delta(folder / entry["delta"])
-            feeds = {**feeds_of["base"], **branch_feeds(modules, inputs, locations)}
-            fns[f"{name} (LoRA branches, ONNX)"] = (lambda s=lsess, f=feeds: s.run(None, f))
+    fns |= _branch_fns(folder, manifest, feeds_of["base"], target["provider"], threads)
     setup: dict[str, Callable[[], Any]] = {}
     rt = None
     if manifest.get("swap") or manifest.get("lora_graph"):
@@ -115,34 +157,9 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
                 setup[key] = (lambda r=rt, n=name: r.activate(n))
     if peft:
         for name in manifest["tasks"]:
-            model = _peft_unmerged(manifest, name, threads)
-            if model is None:
-                continue
-            import torch
-
-            f = feeds_of["base"]
-            ids = torch.from_numpy(np.ascontiguousarray(f["input_ids"]))
-            if manifest["task"] == "causal-lm":
-                # one decode step at the same context: a cache of sequence-1 positions, one new token
-                with torch.no_grad():
-                    prefix = torch.randint(5, vocab, (batch, seq - 1), generator=torch.Generator().manual_seed(0))
-                    cache = model(input_ids=prefix, use_cache=True).past_key_values
-
-                def step(m: Any = model, c: Any = cache, i: Any = ids) -> Any:
-                    with torch.no_grad():
-                        out = m(input_ids=i, past_key_values=c, use_cache=True)
-                    c.crop(-i.shape[1])  # drop the new token: the same context for the next call
-                    return out
-
-                fns[f"{name} (PEFT unmerged, PyTorch)"] = step
-            else:
-                mask = torch.ones_like(ids)
-
-                def fwd(m: Any = model, i: Any = ids, k: Any = mask) -> Any:
-                    with torch.no_grad():
-                        return m(input_ids=i, attention_mask=k)
-
-                fns[f"{name} (PEFT unmerged, PyTorch)"] = fwd
+            fn = _peft_fn(manifest, name, threads, feeds_of["base"], batch, seq, vocab)
+            if fn is not None:
+                fns[f"{name} (PEFT unmerged, PyTorch)"] = fn
     times = interleaved(fns, rounds, per_round, setup=setup)
     base_ms = times["base"]["median_ms"]
     rows = {}

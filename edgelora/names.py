@@ -93,7 +93,8 @@ def pattern_value(pattern: Mapping[str, float], module: str, default: float) -> 
     return default if key is None else pattern[key]
 
 
-def matches_target(
+# complexity: PEFT's own rule (check_target_module_exists), branch for branch, so tests can hold them equal
+def matches_target(  # noqa: C901
     module: str,
     target_modules: str | Sequence[str] | None,
     *,

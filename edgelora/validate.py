@@ -64,7 +64,9 @@ def check_fingerprint(adapter: Adapter, base_fingerprint: str, base_name: str) -
         )
 
 
-def plan_merge(adapter: Adapter, model: torch.nn.Module) -> MergePlan:
+# complexity: one check per way a module can fail to fit the base (missing, layer kind, shapes, DoRA, bias),
+# each with its own message naming the module
+def plan_merge(adapter: Adapter, model: torch.nn.Module) -> MergePlan:  # noqa: C901
     """Validate ``adapter`` against ``model`` (a transformers task model) and return the plan."""
     where = adapter.source or "adapter"
     state = model.state_dict(keep_vars=True)
