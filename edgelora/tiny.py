@@ -1,4 +1,4 @@
-"""Tiny seeded models (BERT, GPT-2, LLaMA, Qwen2) built from configs, for tests and examples.
+"""Tiny seeded models (BERT, GPT-2, LLaMA, Qwen2, OPT, Mistral) built from configs, for tests and examples.
 
 Each is saved as a complete HF folder (config, safetensors weights, a character-level tokenizer),
 so every code path that takes ``--base FOLDER`` runs on it in milliseconds. Same seed, same bytes.
@@ -10,7 +10,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "opt", "mistral")
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
 VOCAB_SIZE = 128  # specials + printable ASCII, padded
 
@@ -54,6 +54,14 @@ def tiny_config(family: str) -> Any:
         return tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=5, eos_token_id=5,
                               tie_word_embeddings=True, **common)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=5, eos_token_id=5,
+                            **common)
+    if family == "mistral":
+        return tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128, sliding_window=None,
+                                bos_token_id=5, eos_token_id=5, tie_word_embeddings=False, **common)
     raise ValueError(f"unknown tiny family {family!r}; use one of {FAMILIES}")
 
 
