@@ -52,6 +52,47 @@ class PatchPlan:
     data: Path  # base/model.onnx.data
 
 
+def share_data(model: Any, owner: Path) -> int:
+    """Point every initializer of ``model`` (loaded with its data) whose bytes the engine ``owner`` already stores
+    in an external data file (same type, shape and sha256) at that file, instead of writing them again: the
+    branch graph (unfused) and the base engine (fused where a fusion ran) hold the same embeddings, norms and MLP
+    weights. Both engines sit in base/, where ONNX Runtime reads external data. Returns the bytes shared."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    base = onnx.load(str(owner), load_external_data=False)
+    stored: dict[tuple[int, tuple[int, ...], str], list[Any]] = {}
+    data_path = owner.parent
+    handles: dict[str, Any] = {}
+    try:
+        for init in base.graph.initializer:
+            if not uses_external_data(init):
+                continue
+            info = {e.key: e.value for e in init.external_data}
+            f = handles.get(info["location"]) or handles.setdefault(info["location"],
+                                                                     open(data_path / info["location"], "rb"))
+            f.seek(int(info.get("offset", 0)))
+            digest = hashlib.sha256(f.read(int(info["length"]))).hexdigest()
+            stored[(init.data_type, tuple(init.dims), digest)] = list(init.external_data)
+    finally:
+        for f in handles.values():
+            f.close()
+    saved = 0
+    for init in model.graph.initializer:
+        if not init.HasField("raw_data") or len(init.raw_data) < 1024:
+            continue
+        where = stored.get((init.data_type, tuple(init.dims), hashlib.sha256(init.raw_data).hexdigest()))
+        if where is not None:
+            saved += len(init.raw_data)
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            del init.external_data[:]
+            init.external_data.extend(where)
+    return saved
+
+
 def _w0_source(engine: Path, src: Mapping[str, Any]) -> W0Source:
     """The manifest's pointer to a W0 in the engine's data file, with the sha256 of exactly those bytes."""
     import hashlib
@@ -132,8 +173,21 @@ class OnnxRuntimeBackend:
             quantize.quantize(fp32, final, target)
         graph = onnx.load(str(final))
         add_lora_defaults(graph)
+        # One copy of every weight on disk: the graph the runtime runs by default keeps its weights whole (the
+        # branch graph, or the swap graph made from it, for decoders and fp32 encoders; else the base engine),
+        # the other points into that data file for the tensors they share (embeddings, norms, MLPs: all but
+        # what fusion packed), so a device bundle holds the runtime's data file alone
+        runtime_reads_branches = build.spec["kind"] == "causal-lm" or target.precision == "fp32"
+        if not runtime_reads_branches:
+            share_data(graph, out / BASE_ENGINE)
         onnx.save(graph, str(out / LORA_ENGINE), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=LORA_DATA, size_threshold=1024)
+        if runtime_reads_branches:
+            base = onnx.load(str(out / BASE_ENGINE))
+            share_data(base, out / LORA_ENGINE)
+            (out / "base" / BASE_DATA).unlink()
+            onnx.save(base, str(out / BASE_ENGINE), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=BASE_DATA, size_threshold=1024)
         return LoraGraph(LORA_ENGINE, {m: (a, b) for m, (a, b) in sorted(inputs.items())}, locations)
 
     def swap_graph(self, build: EngineBuild, out: Path, target: Any, weights: Mapping[str, np.ndarray],

@@ -8,17 +8,20 @@ from typing import Any
 
 
 def engine_size(path: Path) -> int:
-    """Bytes an engine needs: its file plus every external data file it reads (a patched task engine reads the
-    base engine's, so this counts what it takes to run it alone, not what it adds to the folder). Any other
-    file: its size."""
+    """Bytes an engine needs: its file plus the bytes of every weight it reads from external data files (engines
+    of one folder share those files, so this counts what it takes to run it alone, not what it adds to the
+    folder). Any other file: its size."""
     total = path.stat().st_size
     if path.suffix != ".onnx":
         return total
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    files = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
-    return total + sum((path.parent / f).stat().st_size for f in files)
+    for init in model.graph.initializer:
+        info = {e.key: e.value for e in init.external_data}
+        if "location" in info:
+            total += int(info["length"]) if "length" in info else (path.parent / info["location"]).stat().st_size
+    return total
 
 
 def _mb(n: int | None) -> str:
