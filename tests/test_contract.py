@@ -15,24 +15,20 @@ Each pair exports three times (patched, re-exported, re-run): marked slow; the w
 from __future__ import annotations
 
 import filecmp
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES as BASE_FAMILIES
 from conftest import REPO, make_peft_adapter, peft_reference
 
 from edgelora.format.layout import read_manifest_json as read_manifest
 from edgelora.runtime import Runtime
 
-FAMILIES = {
-    "bert": ("SEQ_CLS", {"target_modules": ["query", "value"], "r": 4, "lora_alpha": 8}, 3),
-    "gpt2": ("CAUSAL_LM", {"target_modules": ["c_attn", "c_proj"], "r": 4, "lora_alpha": 16, "fan_in_fan_out": True},
-             None),
-    "llama": ("CAUSAL_LM", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 4, "lora_alpha": 8,
-                            "use_rslora": True}, None),
-    "qwen2": ("CAUSAL_LM", {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4, "lora_alpha": 8,
-                            "rank_pattern": {"down_proj": 2}}, None),
+FAMILIES = {  # the four of the shared fixtures, and two more decoder families
+    **BASE_FAMILIES,
     "opt": ("CAUSAL_LM", {"target_modules": ["q_proj", "v_proj", "out_proj"], "r": 4, "lora_alpha": 8}, None),
     "mistral": ("CAUSAL_LM", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 4, "lora_alpha": 8},
                 None),
@@ -150,7 +146,7 @@ def test_patched_engines_equal_re_exported_ones(deployment, request):
     patched, reexported = read_manifest(deployment["patched"]), read_manifest(deployment["reexported"])
     ids = _ids(patched["base"]["vocab_size"])
     for name, entry in patched["tasks"].items():
-        report = __import__("json").loads((deployment["patched"] / "report.json").read_text())["tasks"][name]
+        report = json.loads((deployment["patched"] / "report.json").read_text())["tasks"][name]
         assert report["bake"] == "patched", report["bake"]
         a = _run(deployment["patched"] / entry["engine"], entry["engine_io"], ids)
         other = reexported["tasks"][name]
