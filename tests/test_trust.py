@@ -479,9 +479,13 @@ def test_kill_9_during_export_leaves_nothing_after_the_next_export(labelled, tin
     clean = tree(tmpdir)  # what a finished export leaves in TMPDIR: torch's own caches, nothing of ours
     assert not any("edgelora" in p or "quant" in p for p in clean), clean
     left = []
-    for k in range(5):
+    for k in range(5):  # kill when the export's work folder appears, then ever later into the export
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-        time.sleep(full * (0.35 + 0.15 * k))
+        t0 = time.perf_counter()
+        while proc.poll() is None and len(list(parent.iterdir())) < 2:
+            time.sleep(0.005)
+        started = time.perf_counter() - t0
+        time.sleep(max(full - started, 0.5) * 0.2 * k)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         left.append(len(tree(parent)) + len(tree(tmpdir)))
