@@ -404,6 +404,43 @@ def verify(folder: Path, as_json: bool) -> None:
                    f"{len(rt.tasks)} task(s) valid ({summary['seconds']} s)")
 
 
+@cli.command()
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--jobs", "-j", type=int, default=1, show_default=True, help="Cells built at once (worker processes).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Who runs the cells: local worker processes, or Ray tasks (pip install 'edgelora[ray]').")
+@click.option("--ray-address", default=None, help="Ray cluster to run on (default: start a local one).")
+@click.option("--force", is_flag=True, help="Rebuild every cell, cached or not.")
+@click.option("--only", default=None, metavar="TASK/TARGET", help="Build one cell (and what it reads).")
+@click.option("--prepare", is_flag=True, help="Build only what every cell shares: trained adapters, base stages.")
+@click.option("--emit-matrix", is_flag=True, help="Print the cells as a CI job matrix (JSON) and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def build(pipeline: Path, jobs: int, executor: str, ray_address: str | None, force: bool, only: str | None,
+          prepare: bool, emit_matrix: bool, as_json: bool, quiet: bool) -> None:
+    """Build every task x target of PIPELINE.toml: engines, a deployment folder and device bundle per target,
+    report.md / report.json / charts. Unchanged cells come from the cache. Exit 1 when a gate fails."""
+    from .pipeline import Build
+    from .pipeline import emit_matrix as matrix
+    from .pipeline.report import table
+
+    if emit_matrix:
+        _print_json(matrix(pipeline))
+        return
+    result = Build(pipeline, jobs=jobs, executor=executor, ray_address=ray_address, force=force, only=only,
+                   prepare=prepare, quiet=quiet or as_json).run()
+    if as_json:
+        _print_json(result.report)
+    else:
+        click.echo(table(result.report))
+        if result.report.get("charts"):
+            click.echo(f"report: {result.pipeline.output / 'report.md'}")
+    if result.failures:
+        for f in result.failures[:20]:
+            click.echo(f"gate failed: {f}", err=True)
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------------------------------------
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     click.echo(f"warning: {message}", err=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..format.manifest import LoraGraph, SwapSpec
+from ..format.manifest import LoraGraph, SwapSpec, TaskEntry
 from ..lora import DeltaModule
 from ..prepare import Prepared
 from ..target import Target
@@ -42,7 +42,7 @@ class TaskResult:
     """One task: its delta, how its engine was baked, and every check's numbers."""
 
     name: str
-    prepared: Prepared
+    prepared: Prepared | None  # None where the task was built by another process (edgelora build's cells)
     modules: dict[str, DeltaModule]
     head: dict[str, np.ndarray]
     not_swappable: str | None  # why the runtime cannot apply it as W0 + s·B·A (None: it can)
@@ -51,6 +51,7 @@ class TaskResult:
     engine_io: dict[str, Any] | None = None  # and how that is fed
     report: dict[str, Any] = field(default_factory=dict)  # the report's task row
     runtime_reference: np.ndarray | None = None  # the baked engine's logits on the runtime check's inputs
+    entry: TaskEntry | None = None  # its manifest entry
 
 
 @dataclass
@@ -72,6 +73,7 @@ class ExportContext:
     base_path: Path | None = None
     base_fingerprint: str = ""
     family: str = ""
+    model_config: Any = None  # the base's transformers config
     headless: bool = True
     eval_sets: dict[str, tuple[list[str], list[int]]] = field(default_factory=dict)
     out: Path | None = None  # the folder being written (temporary until published)

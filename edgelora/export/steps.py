@@ -98,6 +98,7 @@ def read_adapters(ctx: ExportContext) -> None:
     first = next(iter(ctx.prepared.values()))
     ctx.base_path, ctx.base_fingerprint = first.base_path, first.base_fingerprint
     ctx.family = str(read_config(first.base_path).get("model_type", ""))
+    ctx.model_config = first.model.config
     ctx.headless = ctx.task != "causal-lm"  # encoders: the base engine is the encoder; heads travel with tasks
     ctx.eval_sets = {name: _read_eval(Path(f), ctx.prepared[name]) for name, f in ctx.evals.items()}
 
@@ -152,6 +153,7 @@ def export_tasks(ctx: ExportContext) -> None:
         if ctx.target.bake_task_engines:
             _bake(ctx, task)
             _verify_baked(ctx, task)
+        task.entry = _entry(task)
         ctx.tasks[name] = task
 
 
@@ -260,7 +262,7 @@ def write_manifest(ctx: ExportContext) -> None:
     base, out = _base(ctx), ctx.out
     (out / TOKENIZER_DIR).mkdir()
     copy_tokenizer(ctx.base_path, out / TOKENIZER_DIR)
-    config = _first(ctx).model.config
+    config = ctx.model_config
     name = DEFAULT_BASE_NAME if ctx.base_path == bundled_base_path() else str(Path(ctx.base_path).resolve())
     target = ctx.target.to_json()
     manifest = Manifest(
@@ -276,7 +278,7 @@ def write_manifest(ctx: ExportContext) -> None:
         name_map=base.locations, name_map_graph="fused fp32" if base.build.fused else "fp32",
         lora_graph=base.branches, swap=base.swap,
         swap_unavailable=base.swap_reason,
-        tasks={name: _entry(t) for name, t in ctx.tasks.items()},
+        tasks={name: t.entry for name, t in ctx.tasks.items() if t.entry is not None},
         # size and sha256 of every file the folder holds, reports (written after) excepted: the runtime
         # checks what it reads against them, `edgelora verify` checks all of them
         files=file_table(out, exclude_dirs=frozenset({WORK_DIR})),
@@ -436,7 +438,7 @@ def _check(sess: Any, model: Any, spec: dict[str, Any], ctx: ExportContext, head
 def _latency(ctx: ExportContext, sess: Any, spec: dict[str, Any], runs: int) -> float:
     from ..latency import latency_inputs, session_latency
 
-    vocab = int(_first(ctx).model.config.vocab_size)
+    vocab = int(ctx.model_config.vocab_size)
     feeds = latency_inputs(sess, spec, ctx.target.shapes.batch, ctx.target.shapes.sequence, vocab)
     return session_latency(sess, feeds, runs=runs)["median_ms"]
 
@@ -444,7 +446,7 @@ def _latency(ctx: ExportContext, sess: Any, spec: dict[str, Any], runs: int) -> 
 def _runtime_inputs(ctx: ExportContext) -> dict[str, np.ndarray]:
     from ..verify import fixed_inputs
 
-    inputs = fixed_inputs(int(_first(ctx).model.config.vocab_size), 2, min(16, ctx.target.shapes.sequence))
+    inputs = fixed_inputs(int(ctx.model_config.vocab_size), 2, min(16, ctx.target.shapes.sequence))
     if ctx.task == "causal-lm":
         inputs["attention_mask"] = np.ones_like(inputs["attention_mask"])  # left-aligned rows, no padding
     return inputs

@@ -243,6 +243,15 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     return manifest
 
 
+def parse_section(kind: str, raw: Any, where: str, name: str = "") -> Any:
+    """One section of a manifest on its own (``lora_graph``, ``swap``, ``task``, ``locations``, ``io``), checked
+    as :func:`parse_manifest` checks it: ``edgelora build`` passes them between the stages of an export."""
+    f = _Fields(raw, kind, where)
+    parsers = {"lora_graph": _lora_graph, "swap": _swap, "locations": _locations, "io": _io,
+               "task": lambda f: _task(name, f)}
+    return parsers[kind](f)
+
+
 # ---------------------------------------------------------------------------------------------- sections
 def _base(f: _Fields) -> BaseInfo:
     fp = f.get("fingerprint", lambda v: isinstance(v, str) and _HEX64.fullmatch(v), "a sha256 hex digest")

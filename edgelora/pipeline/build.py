@@ -1,0 +1,303 @@
+"""``edgelora build PIPELINE.toml``: the matrix of tasks × targets, stage by stage, every cell from the cache when
+none of its inputs changed.
+
+1. data      each data selection written once to the cache (``cache/data``)
+2. train     the adapters the pipeline trains
+3. base      per target: the export's base stage over every task's LoRA targets
+4. task      per task × target: the task's stage (delta, baked engine, checks, accuracy)
+5. folder    per target: the deployment folder and device bundle, in the output folder
+6. report    gates, ``report.md`` / ``report.json`` / charts, the console table
+
+A cell's key is the sha256 of every input that can change it (the base's weights, the adapter's files or the
+training data and hyper-parameters, the target file, the eval data, the thread count, the edgelora version) and of
+the keys of the cells it reads, so a change rebuilds exactly the cells downstream of it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgeloraError
+from .cache import Cache, atomic_write_text, digest, file_sha256, folder_sha256
+from .executors import make_executor
+from .spec import DataSelection, Pipeline, load_pipeline, only_cell
+
+STAMP = ".edgelora-build.json"  # in the output folder: which cells each deployment folder was assembled from
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "edgelora.json")
+
+
+@dataclass
+class Cell:
+    kind: str
+    name: str  # "task", "target", "task/target"
+    key: str = ""
+    job: dict[str, Any] = field(default_factory=dict)
+    built: bool = False
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class BuildResult:
+    pipeline: Pipeline
+    report: dict[str, Any]
+    failures: list[str]
+    seconds: float
+
+
+def emit_matrix(path: str | Path) -> dict[str, Any]:
+    """The cells as a CI job matrix: ``{"include": [{"cell", "task", "target"}, ...]}``."""
+    from ..target import load_target
+
+    p = load_pipeline(path)
+    names = {ref: load_target(ref).name for ref in p.targets}
+    return {"include": [{"cell": f"{t}/{names[g]}", "task": t, "target": names[g]} for t, g in p.cells()]}
+
+
+class Build:
+    def __init__(self, path: str | Path, *, jobs: int = 1, executor: str = "local", ray_address: str | None = None,
+                 force: bool = False, only: str | None = None, prepare: bool = False, quiet: bool = False) -> None:
+        from ..base import fingerprint, resolve_base
+        from ..target import load_target
+
+        if jobs < 1:
+            raise EdgeloraError(f"--jobs {jobs}: give 1 or more worker processes")
+        self.started = time.perf_counter()
+        self.p = load_pipeline(path)
+        self.targets = {ref: load_target(ref) for ref in self.p.targets}
+        self.labels = {ref: t.name for ref, t in self.targets.items()}
+        if len(set(self.labels.values())) != len(self.labels):
+            raise EdgeloraError(f"{self.p.source}: two targets share the name {sorted(self.labels.values())}; "
+                                "give each target file its own name")
+        self.only = only_cell(only, self.p) if only else None
+        self.prepare, self.force, self.quiet = prepare, force, quiet
+        self.cache = Cache(self.p.cache.resolve())
+        self.base_path = resolve_base(self.p.base)
+        self.base_fp = fingerprint(self.base_path)
+        self.jobs, self.executor_kind, self.ray_address = jobs, executor, ray_address
+        self.executor: Any = None
+        self.cells: list[Cell] = []
+        self.adapters: dict[str, Path] = {}
+        self.evals: dict[str, tuple[Path, str]] = {}  # task -> (file, key)
+        self.bar: Any = None
+
+    # ------------------------------------------------------------------------------------------ running
+    def run(self) -> BuildResult:
+        from .report import write_report
+
+        try:
+            self._data()
+            self._stage([self._train_cell(n) for n, t in self.p.tasks.items() if t.train is not None])
+            for name, t in self.p.tasks.items():
+                self.adapters[name] = (self.cache.path("train", self._key("train", name)) / "adapter"
+                                       if t.train is not None else t.adapter)  # type: ignore[assignment]
+            if not self._failed("train"):
+                self._stage([self._base_cell(ref) for ref in self._targets()])
+                if not self.prepare:
+                    self._stage([self._task_cell(n, ref) for n, ref in self._task_cells()])
+                    if self.only is None:
+                        self._stage([self._folder_cell(ref) for ref in self.p.targets])
+        finally:
+            if self.executor is not None:
+                self.executor.close()
+            if self.bar is not None:
+                self.bar.close()
+        report = write_report(self)
+        return BuildResult(self.p, report, report["failures"], report["wall_seconds"])
+
+    def _targets(self) -> list[str]:
+        return [self.only[1]] if self.only else list(self.p.targets)
+
+    def _task_cells(self) -> list[tuple[str, str]]:
+        return [self.only] if self.only else self.p.cells()
+
+    def _failed(self, kind: str) -> bool:
+        return any(c.error for c in self.cells if c.kind == kind)
+
+    def _stage(self, cells: list[Cell | None]) -> None:
+        todo = []
+        for cell in cells:
+            if cell is None:
+                continue
+            self.cells.append(cell)
+            if cell.kind == "folder" and cell.job.get("fresh"):
+                self._tick(cell)
+            elif cell.kind != "folder" and not self.force and self.cache.has(cell.kind, cell.key):
+                self._tick(cell)
+            else:
+                todo.append(cell)
+        if not todo:
+            return
+        if self.executor is None:
+            self.executor = make_executor(self.executor_kind, self.jobs, self.ray_address)
+        by_job = {id(c.job): c for c in todo}
+        for job, result in self.executor.run([c.job for c in todo]):
+            cell = by_job[id(job)]
+            cell.built, cell.seconds, cell.error = result.get("built", False), result.get("seconds", 0.0), \
+                result.get("error")
+            if cell.kind == "folder" and not cell.error:
+                self._stamp(cell)
+            self._tick(cell)
+
+    def _tick(self, cell: Cell) -> None:
+        if self.bar is None and not self.quiet:
+            from tqdm import tqdm
+
+            total = len(self.p.tasks) * (1 + len(self.p.targets)) + 2 * len(self.p.targets)
+            self.bar = tqdm(total=total, desc="cells", unit="cell", file=sys.stderr, leave=False)
+        if self.bar is not None:
+            state = "failed" if cell.error else "built" if cell.built else "cached"
+            self.bar.set_postfix_str(f"{cell.kind} {cell.name} ({state})")
+            self.bar.update(1)
+        if cell.error and not self.quiet:
+            print(f"edgelora build: {cell.kind} {cell.name}: {cell.error}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------------ cells
+    def _job(self, kind: str, **kw: Any) -> dict[str, Any]:
+        return {"kind": kind, "cache": str(self.cache.root), "threads": self.p.threads, "force": self.force,
+                "pipeline": self.p.source.name, "latency_runs": self.p.latency_runs, **kw}
+
+    def _data(self) -> None:
+        """Each task's training and eval selection as a file (the selection itself where it is a whole file)."""
+        self._data_keys: dict[str, str] = {}
+        for name, t in self.p.tasks.items():
+            if t.train is not None:
+                self._data_keys[name] = self._materialize(t.train.data, f"tasks.{name}.train.data")[1]
+            if t.eval is not None:
+                self.evals[name] = self._materialize(t.eval, f"tasks.{name}.eval")
+
+    def _materialize(self, sel: DataSelection, field_: str) -> tuple[Path, str]:
+        from ..data import read_classification
+
+        key = digest("data", file_sha256(sel.file), {**sel.to_json(), "file": None})
+        if sel.whole:
+            return sel.file, key
+        out = self.cache.root / "data" / f"{key[:32]}.jsonl"
+        if out.is_file():
+            return out, key
+        rows = [e for e in read_classification(sel.file) if sel.labels is None or e.label in sel.labels]
+        random.Random(sel.seed).shuffle(rows)
+        want = sel.rows if sel.rows is not None else len(rows) - sel.offset
+        if sel.offset + want > len(rows) or want < 1:
+            raise EdgeloraError(f"{self.p.source}: {field_} asks for {want} rows from offset {sel.offset}; "
+                                f"{sel.file.name} has {len(rows)} matching rows")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, "".join(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n"
+                                       for e in rows[sel.offset:sel.offset + want]))
+        return out, key
+
+    def _train_cell(self, name: str) -> Cell:
+        t = self.p.tasks[name]
+        assert t.train is not None
+        key = self._key("train", name)
+        data = self._materialize(t.train.data, f"tasks.{name}.train.data")[0]
+        return Cell("train", name, key, self._job("train", key=key, name=name, data=str(data),
+                                                   params=t.train.params, base=self.p.base))
+
+    def _train_key(self, name: str) -> str:
+        t = self.p.tasks[name]
+        assert t.train is not None
+        return digest("train", self.base_fp, self._data_keys[name], t.train.to_json()["params"], self.p.threads)
+
+    def _base_key(self, ref: str) -> str:
+        return digest("base", self.base_fp, file_sha256(self.targets[ref].source), sorted(self._modules()),
+                      self.p.threads, self.p.latency_runs)
+
+    def _task_key(self, name: str, ref: str) -> str:
+        adapter = self.adapters[name]
+        present = [f for f in ADAPTER_FILES if (adapter / f).is_file()]
+        return digest("task", self._base_key(ref), folder_sha256(adapter, present), name,
+                      self.evals[name][1] if name in self.evals else None)
+
+    def _key(self, kind: str, name: str, ref: str = "") -> str:
+        return {"train": lambda: self._train_key(name), "base": lambda: self._base_key(ref),
+                "task": lambda: self._task_key(name, ref)}[kind]()
+
+    def _modules(self) -> set[str]:
+        """Every LoRA-target module of every task's adapter, from the adapter files' tensor names."""
+        if getattr(self, "_module_set", None) is None:
+            from ..hashing import read_safetensors_header
+
+            modules: set[str] = set()
+            for name, adapter in self.adapters.items():
+                weights = adapter / "adapter_model.safetensors"
+                if not weights.is_file():
+                    raise EdgeloraError(f"task {name}: {adapter} has no adapter_model.safetensors (edgelora build "
+                                        "reads no pickled adapter); save it with safe_serialization=True")
+                header, _ = read_safetensors_header(weights)
+                modules |= {k.split(".lora_", 1)[0] for k in header if ".lora_" in k}
+            self._module_set = modules
+        return self._module_set
+
+    def _base_cell(self, ref: str) -> Cell:
+        key = self._key("base", "", ref)
+        return Cell("base", self.labels[ref], key, self._job(
+            "base", key=key, base=self.p.base, target=ref, target_label=self.labels[ref],
+            adapters={n: str(p) for n, p in self.adapters.items()}))
+
+    def _task_cell(self, name: str, ref: str) -> Cell | None:
+        if self._base_failed(ref):
+            return None
+        key = self._key("task", name, ref)
+        base_cell = self.cache.path("base", self._key("base", "", ref))
+        return Cell("task", f"{name}/{self.labels[ref]}", key, self._job(
+            "task", key=key, name=name, adapter=str(self.adapters[name]), target=ref,
+            target_label=self.labels[ref], base_cell=str(base_cell),
+            eval=str(self.evals[name][0]) if name in self.evals else None))
+
+    def _base_failed(self, ref: str) -> bool:
+        return any(c.error for c in self.cells if c.kind == "base" and c.name == self.labels[ref])
+
+    def _folder_cell(self, ref: str) -> Cell | None:
+        label = self.labels[ref]
+        if self._base_failed(ref) or any(c.error for c in self.cells if c.kind == "task"
+                                         and c.name.endswith(f"/{label}")):
+            return None
+        tasks = {n: str(self.cache.path("task", self._key("task", n, ref))) for n in self.p.tasks}
+        key = digest("folder", self._key("base", "", ref), sorted(tasks.items()), self.p.bundle)
+        output = self.p.output.resolve() / label
+        fresh = not self.force and self._stamped(label, key, output)
+        return Cell("folder", label, key, self._job(
+            "folder", key=key, target=ref, target_label=label, output=str(output), bundle=self.p.bundle,
+            base_cell=str(self.cache.path("base", self._key("base", "", ref))), task_cells=tasks, fresh=fresh))
+
+    # ------------------------------------------------------------------------------------------ the output
+    def _stamps(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.p.output / STAMP).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def _stamped(self, label: str, key: str, output: Path) -> bool:
+        """The deployment folder was assembled from exactly these cells and is intact: its manifest as written,
+        every file it lists of the size and sha256 listed (``edgelora verify``'s check)."""
+        from ..format.files import verify_files
+        from ..format.manifest import read_manifest
+
+        stamp = self._stamps().get(label)
+        if not stamp or stamp.get("key") != key or not (output / "manifest.json").is_file():
+            return False
+        if file_sha256(output / "manifest.json") != stamp.get("manifest_sha256"):
+            return False
+        try:
+            verify_files(output, read_manifest(output).files)
+        except EdgeloraError:
+            return False
+        bundle = output.with_name(output.name + ".bundle")
+        return not self.p.bundle or (bundle / "manifest.json").is_file()
+
+    def _stamp(self, cell: Cell) -> None:
+        stamps = self._stamps()
+        output = Path(cell.job["output"])
+        stamps[cell.name] = {"key": cell.key, "manifest_sha256": file_sha256(output / "manifest.json")}
+        atomic_write_text(self.p.output / STAMP, json.dumps(stamps, indent=1, sort_keys=True))
+
+
+def build(path: str | Path, **kw: Any) -> BuildResult:
+    return Build(path, **kw).run()

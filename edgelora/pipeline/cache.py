@@ -1,0 +1,95 @@
+"""The build cache: a plain folder of cells, each under a name made of its kind and the sha256 of every input that
+can change what it holds. A CI cache step saves and restores the folder as it is.
+
+A cell is written in a locked temporary folder beside its final name and renamed into place in one step, so a
+cell folder that exists is complete: a build killed mid-cell leaves an unlocked temporary folder that the next
+build removes, never a half-written cell under a real name. Two builds writing the same cell at once each write
+their own temporary folder; the first rename wins and the other build uses the winner's cell (same key, same
+inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import EdgeloraError
+from ..fsutil import atomic_output_dir
+
+CELL_RECORD = "cell.json"  # written last into every cell
+
+
+def digest(*parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` (with the edgelora version: a new version rebuilds)."""
+    text = json.dumps([__version__, *parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_sha256(folder: Path, names: Iterable[str] | None = None) -> str:
+    """sha256 over the relative names and bytes of every file in ``folder`` (or of ``names`` in it)."""
+    h = hashlib.sha256()
+    files = sorted(folder / n for n in names) if names is not None else sorted(
+        p for p in folder.rglob("*") if p.is_file())
+    for p in files:
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0" + file_sha256(p).encode())
+    return h.hexdigest()
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cells = root / "cells"
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.cells / f"{kind}-{key[:32]}"
+
+    def has(self, kind: str, key: str) -> bool:
+        return (self.path(kind, key) / CELL_RECORD).is_file()
+
+    def record(self, kind: str, key: str) -> dict[str, Any]:
+        return json.loads((self.path(kind, key) / CELL_RECORD).read_text(encoding="utf-8"))
+
+    def build(self, kind: str, key: str, make: Callable[[Path], dict[str, Any]], force: bool = False) -> bool:
+        """Make the cell unless it is there (or ``force``): ``make(folder)`` fills an empty folder and returns the
+        cell's record. Returns True when this call built it."""
+        final = self.path(kind, key)
+        if self.has(kind, key) and not force:
+            return False
+        try:
+            self.cells.mkdir(parents=True, exist_ok=True)
+            with atomic_output_dir(final, force=True) as tmp:
+                record = make(tmp)
+                (tmp / CELL_RECORD).write_text(json.dumps({"kind": kind, "key": key, **record}, indent=1,
+                                                          sort_keys=True, default=str), encoding="utf-8")
+        except OSError as exc:
+            if self.has(kind, key):  # another build put the same cell in place first
+                return False
+            raise EdgeloraError(f"cache {self.root}: cannot write cell {final.name} ({exc.strerror or exc}); "
+                                "check the cache folder is writable") from None
+        return True
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.exists() else 0
+
+
+def exists_complete(folder: Path) -> bool:
+    return (folder / CELL_RECORD).is_file()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,95 @@
+"""What one cell does, in whichever process or machine runs it: :func:`run_cell` takes a plain dict (a job, JSON
+all through, so local worker processes and Ray tasks run the same thing) and returns a plain dict.
+
+Kinds, in the order a build runs them:
+- ``train``:  an adapter trained with ``edgelora train``'s code on the task's data selection;
+- ``base``:   the base stage of the export for one target (``export/stages.py``);
+- ``task``:   one task's stage for one target: delta, baked engine, checks, accuracy on its eval set;
+- ``folder``: one target's deployment folder assembled from its base and task cells, and its device bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgeloraError
+from .cache import Cache
+
+
+def _threads(n: int) -> None:
+    """Every cell computes with the pipeline's thread count, whatever runs it (a Ray worker starts with one
+    OpenMP thread): the same numbers in, the same bytes out."""
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def run_cell(job: dict[str, Any]) -> dict[str, Any]:
+    """Build the job's cell in the cache unless it is there; ``{"built": bool, "seconds": float}`` or
+    ``{"error": one line}``."""
+    t0 = time.perf_counter()
+    try:
+        _threads(job["threads"])
+        cache = Cache(Path(job["cache"]))
+        make = {"train": _train, "base": _base, "task": _task, "folder": _folder}[job["kind"]]
+        if job["kind"] == "folder":
+            make(job)
+            built = True
+        else:
+            built = cache.build(job["kind"], job["key"], lambda out: make(job, out), force=job.get("force", False))
+        return {"built": built, "seconds": round(time.perf_counter() - t0, 2)}
+    except EdgeloraError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # a bug, not bad input: the cell names it, the build goes on to report
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return {"error": f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"}
+
+
+def _train(job: dict[str, Any], out: Path) -> dict[str, Any]:
+    from ..train import TrainConfig, train
+
+    params = dict(job["params"])
+    if "targets" in params:
+        params["targets"] = tuple(params["targets"])
+    cfg = TrainConfig(**params, threads=job["threads"])
+    result = train("sequence-classification", job["data"], out / "adapter", cfg, base=job["base"], force=True,
+                   command=f"edgelora build {job['pipeline']} (task {job['name']})", progress=False)
+    return {"task": job["name"], "seconds": round(result.seconds, 1), "history": result.history,
+            "trainable_parameters": result.trainable_parameters}
+
+
+def _base(job: dict[str, Any], out: Path) -> dict[str, Any]:
+    from ..export.stages import base_stage
+    from ..target import load_target
+
+    base_stage(job["base"], {n: Path(p) for n, p in job["adapters"].items()}, load_target(job["target"]), out,
+               threads=job["threads"], latency_runs=job["latency_runs"])
+    return {"target": job["target_label"]}
+
+
+def _task(job: dict[str, Any], out: Path) -> dict[str, Any]:
+    from ..export.stages import task_stage
+    from ..target import load_target
+
+    task_stage(Path(job["base_cell"]), job["name"], Path(job["adapter"]), load_target(job["target"]), out,
+               eval_file=Path(job["eval"]) if job.get("eval") else None, threads=job["threads"],
+               latency_runs=job["latency_runs"])
+    return {"task": job["name"], "target": job["target_label"]}
+
+
+def _folder(job: dict[str, Any]) -> None:
+    """The deployment folder (and device bundle) of one target, published atomically where the build writes."""
+    from ..export.bundle import pack
+    from ..export.stages import assemble
+    from ..target import load_target
+
+    output = Path(job["output"])
+    assemble(Path(job["base_cell"]), {n: Path(p) for n, p in job["task_cells"].items()}, load_target(job["target"]),
+             output, threads=job["threads"])
+    if job["bundle"]:
+        pack(output, output.with_name(output.name + ".bundle"), force=True)
