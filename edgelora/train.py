@@ -503,6 +503,11 @@ def train(  # noqa: C901
     )
     # PEFT records the folder it loaded from; for the bundled base that is a site-packages path.
     peft_model.peft_config["default"].base_model_name_or_path = base_name
+    # PEFT keeps target_modules as a set and writes it in hash-seed order: sorted, one training run writes the
+    # same adapter_config.json in every process (the build cache keys on the adapter's bytes)
+    saved_config = peft_model.peft_config["default"]
+    if isinstance(saved_config.target_modules, (set, frozenset)):
+        saved_config.target_modules = sorted(saved_config.target_modules)
     with atomic_output_dir(output, force=force) as tmp:
         peft_model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template

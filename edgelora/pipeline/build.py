@@ -91,6 +91,7 @@ class Build:
     def run(self) -> BuildResult:
         from .report import write_report
 
+        self.cache.cleanup()
         try:
             self._data()
             self._stage([self._train_cell(n) for n, t in self.p.tasks.items() if t.train is not None])

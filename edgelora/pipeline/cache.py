@@ -81,12 +81,29 @@ class Cache:
                                 "check the cache folder is writable") from None
         return True
 
+    def cleanup(self) -> None:
+        """What killed builds left: unlocked temporary cell folders and half-written data files."""
+        from ..fsutil import remove_stale
+
+        if self.cells.is_dir():
+            remove_stale(self.cells)
+        for tmp in (self.root / "data").glob(".*.tmp"):
+            pid = tmp.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.exists() else 0
 
 
-def exists_complete(folder: Path) -> bool:
-    return (folder / CELL_RECORD).is_file()
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:
