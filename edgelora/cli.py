@@ -411,13 +411,18 @@ def verify(folder: Path, as_json: bool) -> None:
               help="Who runs the cells: local worker processes, or Ray tasks (pip install 'edgelora[ray]').")
 @click.option("--ray-address", default=None, help="Ray cluster to run on (default: start a local one).")
 @click.option("--force", is_flag=True, help="Rebuild every cell, cached or not.")
-@click.option("--only", default=None, metavar="TASK/TARGET", help="Build one cell (and what it reads).")
+@click.option("--only", default=None, metavar="TASK/TARGET",
+              help="Build one cell and what it reads (the trained adapters, the target's base stage); no folder.")
 @click.option("--prepare", is_flag=True, help="Build only what every cell shares: trained adapters, base stages.")
 @click.option("--emit-matrix", is_flag=True, help="Print the cells as a CI job matrix (JSON) and exit.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None, help="Cache folder (default: the file's).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Where the deployment folders and report go (default: the file's output).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def build(pipeline: Path, jobs: int, executor: str, ray_address: str | None, force: bool, only: str | None,
-          prepare: bool, emit_matrix: bool, as_json: bool, quiet: bool) -> None:
+          prepare: bool, emit_matrix: bool, cache: Path | None, output: Path | None, as_json: bool,
+          quiet: bool) -> None:
     """Build every task x target of PIPELINE.toml: engines, a deployment folder and device bundle per target,
     report.md / report.json / charts. Unchanged cells come from the cache. Exit 1 when a gate fails."""
     from .pipeline import Build
@@ -428,7 +433,7 @@ def build(pipeline: Path, jobs: int, executor: str, ray_address: str | None, for
         _print_json(matrix(pipeline))
         return
     result = Build(pipeline, jobs=jobs, executor=executor, ray_address=ray_address, force=force, only=only,
-                   prepare=prepare, quiet=quiet or as_json).run()
+                   prepare=prepare, quiet=quiet or as_json, cache=cache, output=output).run()
     if as_json:
         _print_json(result.report)
     else:

