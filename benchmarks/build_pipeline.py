@@ -102,6 +102,7 @@ def main() -> None:  # noqa: C901  (one scenario after another, each a few lines
     ap.add_argument("--skip-kill", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    args.work = args.work.resolve()
     sys.path.insert(0, str(REPO))
     from edgelora.latency import cpu_line
 

@@ -270,10 +270,11 @@ class Build:
         tasks = {n: str(self.cache.path("task", self._key("task", n, ref))) for n in self.p.tasks}
         key = digest("folder", self._key("base", "", ref), list(tasks.items()), self.p.bundle)  # in file order
         output = self.p.output.resolve() / label
-        fresh = not self.force and self._stamped(label, key, output)
+        why = "asked for (--force)" if self.force else self._stamped(label, key, output)
         return Cell("folder", label, key, self._job(
             "folder", key=key, target=ref, target_label=label, output=str(output), bundle=self.p.bundle,
-            base_cell=str(self.cache.path("base", self._key("base", "", ref))), task_cells=tasks, fresh=fresh))
+            base_cell=str(self.cache.path("base", self._key("base", "", ref))), task_cells=tasks,
+            fresh=why is None, why=why))
 
     # ------------------------------------------------------------------------------------------ the output
     def _stamps(self) -> dict[str, Any]:
@@ -282,23 +283,27 @@ class Build:
         except (OSError, ValueError):
             return {}
 
-    def _stamped(self, label: str, key: str, output: Path) -> bool:
-        """The deployment folder was assembled from exactly these cells and is intact: its manifest as written,
-        every file it lists of the size and sha256 listed (``edgelora verify``'s check)."""
+    def _stamped(self, label: str, key: str, output: Path) -> str | None:
+        """None when the deployment folder was assembled from exactly these cells and is intact (its manifest as
+        written, every file it lists of the size and sha256 listed: ``edgelora verify``'s check); else why not."""
         from ..format.files import verify_files
         from ..format.manifest import read_manifest
 
         stamp = self._stamps().get(label)
-        if not stamp or stamp.get("key") != key or not (output / "manifest.json").is_file():
-            return False
-        if file_sha256(output / "manifest.json") != stamp.get("manifest_sha256"):
-            return False
+        if not stamp:
+            return "not built here before"
+        if stamp.get("key") != key:
+            return "its cells changed"
+        if not (output / "manifest.json").is_file() or file_sha256(output / "manifest.json") != stamp.get(
+                "manifest_sha256"):
+            return "its manifest changed on disk"
         try:
             verify_files(output, read_manifest(output).files)
-        except EdgeloraError:
-            return False
-        bundle = output.with_name(output.name + ".bundle")
-        return not self.p.bundle or (bundle / "manifest.json").is_file()
+        except EdgeloraError as exc:
+            return f"a file changed on disk ({str(exc)[:120]})"
+        if self.p.bundle and not (output.with_name(output.name + ".bundle") / "manifest.json").is_file():
+            return "its device bundle is missing"
+        return None
 
     def _stamp(self, cell: Cell) -> None:
         stamps = self._stamps()

@@ -84,6 +84,7 @@ def collect(b: Any) -> dict[str, Any]:  # noqa: C901
         bundle = report["device_bundle"]["bytes"] / MB
         t = targets[cell.name]
         t |= {"folder": str(folder), "bundle_mb": bundle, "assembled": cell.built,
+              "assembled_because": cell.job["why"] if cell.built else None,
               "runtime_failures": [f for f in report["failures"] if "runtime" in f]}
         failures += [f"{cell.name} folder: {f}" for f in t["runtime_failures"]]
         bound = b.p.gates.get("max_bundle_mb")
@@ -150,7 +151,7 @@ def table(report: dict[str, Any]) -> str:
     head = f"{'cell':<28} {'acc':>7} {'torch':>7} {'drop':>6} {'ms':>7} {'×base':>6} {'MB':>6} {'task KB':>8}  state"
     lines = [cpu_line(), head]
     for r in report["cells"]:
-        state = "ERROR" if r.get("error") else ("ok" if r.get("ok") else "GATE")
+        state = "ERROR" if r.get("error") else ("ok" if r.get("ok") else "FAIL")
         drop = (r["torch_accuracy"] - r["accuracy"]) * 100 if r.get("accuracy") is not None else None
         size = r.get("engine_size_bytes")
         lines.append(f"{r['task'] + '/' + r['target']:<28} {_pct(r.get('accuracy')):>7} "
@@ -159,8 +160,9 @@ def table(report: dict[str, Any]) -> str:
                      f"{_num((r.get('task_bytes') or 0) / 1e3, '.0f'):>8}  {state}"
                      + (" (cached)" if not r["built"] and not r.get("error") else ""))
     for label, t in report["targets"].items():
+        why = f" (assembled: {t['assembled_because']})" if t.get("assembled_because") else ""
         lines.append(f"{label}: base engine {_num(t['base_latency_ms'])} ms, device bundle "
-                     f"{_num(t.get('bundle_mb'), '.1f')} MB, folder {t.get('folder') or '–'}")
+                     f"{_num(t.get('bundle_mb'), '.1f')} MB, folder {t.get('folder') or '–'}{why}")
     b, c = report["built"], report["cached"]
     lines.append("cells built: " + ", ".join(f"{k} {b[k]}" for k in b) + " · from the cache: "
                  + ", ".join(f"{k} {c[k]}" for k in c) + f" · wall {report['wall_seconds']:.1f} s")
@@ -252,10 +254,17 @@ def charts(report: dict[str, Any], folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(max(6, len(changes) * 0.45), 3.6))
     deltas = [(c["accuracy_change"] or 0) * 100 for c in changes]
     colors = ["tab:orange" if c["rebuilt"] else "tab:gray" for c in changes]
-    ax.bar(range(len(changes)), deltas, color=colors)
+    ax.bar(range(len(changes)), deltas, color=colors, width=0.6)
+    ax.scatter(range(len(changes)), deltas, c=colors, s=60, zorder=3)  # visible when nothing moved
+    ax.axhline(0, color="black", linewidth=0.6)
+    for i, c in enumerate(changes):
+        ax.annotate("new" if c["new"] else ("rebuilt" if c["rebuilt"] else "cached"), (i, deltas[i]),
+                    textcoords="offset points", xytext=(0, 7), ha="center", fontsize=6)
     ax.set_xticks(range(len(changes)), [c["cell"] for c in changes], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("accuracy change, points")
-    ax.set_title("since the previous build (orange: rebuilt, grey: from the cache)", fontsize=9)
+    rebuilt = sum(1 for c in changes if c["rebuilt"])
+    ax.set_title(f"since the previous build: {rebuilt}/{len(changes)} cells rebuilt (orange), grey: cached",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(folder / "changes.png", dpi=110)
     plt.close(fig)
