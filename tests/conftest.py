@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -70,6 +71,19 @@ def make_peft_adapter(base: Path, out: Path, seed: int = 1, num_labels: int | No
                 p.add_(torch.randn_like(p) * 0.1)
     peft_model.save_pretrained(str(out))
     return out
+
+
+def make_labelled_adapters(base: Path, root: Path, labels: dict[str, list[str]]) -> dict[str, Path]:
+    """One tiny classification adapter per task (r=4 on query, value; seeds 1, 2, ...) with its label names in
+    edgelora.json, as `edgelora train` records them."""
+    adapters = {}
+    for seed, (task, names) in enumerate(labels.items(), start=1):
+        path = make_peft_adapter(base, root / task, seed=seed, num_labels=len(names), task_type="SEQ_CLS",
+                                 target_modules=["query", "value"], r=4, lora_alpha=8)
+        record = {"format": 1, "labels": names, "task": "sequence-classification"}
+        (path / "edgelora.json").write_text(json.dumps(record))
+        adapters[task] = path
+    return adapters
 
 
 def peft_reference(base: Path, adapter: Path, task_type: str | None, num_labels: int | None = None

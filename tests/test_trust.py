@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_task_model, make_peft_adapter, tree
+from conftest import REPO, load_task_model, make_labelled_adapters, tree
 
 from edgelora.errors import EdgeloraError
 from edgelora.format.delta import read_delta, write_delta
@@ -35,13 +35,7 @@ TEXTS = ["a gorgeous, witty film", "stocks fell as oil rose", "the match went to
 def labelled(tiny_dir, tmp_path_factory) -> dict[str, Path]:
     """Two tiny BERT classification adapters with label names (2 and 4 classes), exported to cpu-fp32."""
     root = tmp_path_factory.mktemp("labelled")
-    adapters = {}
-    for seed, (task, labels) in enumerate(LABELS.items(), start=1):
-        path = make_peft_adapter(tiny_dir("bert"), root / task, seed=seed, num_labels=len(labels),
-                                 task_type="SEQ_CLS", target_modules=["query", "value"], r=4, lora_alpha=8)
-        record = {"format": 1, "labels": labels, "task": "sequence-classification"}
-        (path / "edgelora.json").write_text(json.dumps(record))
-        adapters[task] = path
+    adapters = make_labelled_adapters(tiny_dir("bert"), root, LABELS)
     dep = root / "dep"
     _export(tiny_dir("bert"), adapters, dep)
     return {"dep": dep, **adapters}

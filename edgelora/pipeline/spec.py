@@ -170,6 +170,14 @@ def parse_pipeline(raw: Any, path: Path) -> Pipeline:  # noqa: C901
         raise EdgeloraError(f"{where}: targets lists {targets!r:.60} with a repeat; name each target once")
     targets = tuple(_target_ref(t, root) for t in targets)
     gates = _gates(top.d.get("gates", {}), "gates", where, {})
+    settings = {
+        "base": top.get("base", _text, "a base model folder or 'bundled'"),
+        "output": (root / top.get("output", _text, "a folder path", "build/engines")).resolve(),
+        "cache": (root / top.get("cache", _text, "a folder path", ".edgelora-cache")).resolve(),
+        "threads": top.get("threads", lambda v: _int(v) and 1 <= v <= 256, "an integer in 1..256", 1),
+        "latency_runs": top.get("latency_runs", lambda v: _int(v) and 1 <= v <= 10000, "an integer in 1..10000", 30),
+        "bundle": top.get("bundle", lambda v: isinstance(v, bool), "true or false", True),
+    }
     tasks_raw = top.get("tasks", lambda v: isinstance(v, dict) and v, "a table of [tasks.NAME] tables")
     if tasks_raw is None:
         raise EdgeloraError(f"{where}: no [tasks.NAME] table; add one per task (adapter = ... or [tasks.NAME.train])")
@@ -179,18 +187,7 @@ def parse_pipeline(raw: Any, path: Path) -> Pipeline:  # noqa: C901
             raise EdgeloraError(f"{where}: task name tasks.{name!r:.40} is not usable as a folder name; use "
                                 "letters, digits, . _ - (not starting with . _ -)")
         tasks[name] = _task(name, value, where, root, gates)
-    return Pipeline(
-        source=path.resolve(),
-        base=top.get("base", _text, "a base model folder or 'bundled'"),
-        targets=targets,
-        output=(root / top.get("output", _text, "a folder path", "build/engines")).resolve(),
-        cache=(root / top.get("cache", _text, "a folder path", ".edgelora-cache")).resolve(),
-        threads=top.get("threads", lambda v: _int(v) and 1 <= v <= 256, "an integer in 1..256", 1),
-        latency_runs=top.get("latency_runs", lambda v: _int(v) and 1 <= v <= 10000, "an integer in 1..10000", 30),
-        bundle=top.get("bundle", lambda v: isinstance(v, bool), "true or false", True),
-        gates=gates,
-        tasks=tasks,
-    )
+    return Pipeline(source=path.resolve(), targets=targets, gates=gates, tasks=tasks, **settings)
 
 
 def _target_ref(spec: str, root: Path) -> str:
