@@ -57,3 +57,4 @@ def get_backend(name: str) -> Backend:
 
 
 register_backend("onnxruntime", "edgelora.converters.onnx.backend:OnnxRuntimeBackend")
+register_backend("tensorrt", "edgelora.converters.tensorrt.backend:TensorRTBackend")

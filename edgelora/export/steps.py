@@ -76,6 +76,10 @@ def check_request(ctx: ExportContext) -> None:
             raise EdgeloraError(f"--eval {name}=...: no adapter named {name!r}; names: {', '.join(ctx.adapters)}")
         if not Path(path).is_file():
             raise EdgeloraError(f"--eval {name}: file {path} does not exist; pass a labelled TSV/CSV/JSONL")
+    unavailable = getattr(ctx.backend, "unavailable", None)
+    why = unavailable() if unavailable is not None else None
+    if why is not None:
+        raise EdgeloraError(f"target {ctx.target.name} (backend {ctx.backend.name}) cannot export here: {why}")
     if ctx.target.provider == "CUDAExecutionProvider":
         import onnxruntime as ort
 
