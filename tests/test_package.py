@@ -27,6 +27,7 @@ def test_wheel_layout(wheel):
     assert "edgelora/py.typed" in names
     assert "edgelora/converters/__init__.py" in names
     assert "edgelora/cli.py" in names
+    assert "edgelora/pipeline/pipeline.schema.json" in names and "edgelora/converters/tensorrt/plan.py" in names
     assert not any(n.startswith(("converters/", "tests/", "benchmarks/")) for n in names)
     toml = sorted(n for n in names if n.startswith("edgelora/targets/") and n.endswith(".toml"))
     assert toml == sorted(f"edgelora/targets/{p.name}" for p in (REPO / "targets").glob("*.toml"))
@@ -75,3 +76,16 @@ def test_the_wheel_in_a_fresh_venv_exports_with_no_arguments(wheel, tmp_path):
     where = subprocess.run([str(venv / "bin/python"), "-c", "import edgelora; print(edgelora.__file__)"], cwd=work,
                            env=env, capture_output=True, text=True).stdout
     assert Path(where.strip()).is_relative_to(venv), where
+    # edgelora build from the installed copy: the example adapters shipped in the wheel, one target, an eval set
+    examples = subprocess.run([str(venv / "bin/python"), "-c", "from edgelora.export import example_adapters_dir; "
+                               "print(example_adapters_dir())"], cwd=work, env=env, capture_output=True,
+                              text=True).stdout.strip()
+    (work / "PIPELINE.toml").write_text(
+        f'targets = ["cpu-int8"]\n[gates]\nmax_accuracy_drop = 1.0\n'
+        f'[tasks.sst2]\nadapter = "{examples}/sst2"\neval = "{REPO / "examples/data/sst2-dev-500.tsv"}"\n'
+        f'[tasks.agnews]\nadapter = "{examples}/agnews"\neval = "{REPO / "examples/data/agnews-val-500.tsv"}"\n')
+    res = subprocess.run([str(venv / "bin/edgelora"), "build", "PIPELINE.toml", "-q"], cwd=work, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sst2/cpu-int8" in res.stdout and (work / "build/engines/cpu-int8/manifest.json").is_file()
+    assert (work / "build/engines/charts/accuracy.png").is_file()
