@@ -440,10 +440,11 @@ def build(pipeline: Path, jobs: int, executor: str, ray_address: str | None, for
         click.echo(table(result.report))
         if result.report.get("charts"):
             click.echo(f"report: {result.pipeline.output / 'report.md'}")
-    if result.failures:
-        for f in result.failures[:20]:
-            click.echo(f"gate failed: {f}", err=True)
-        sys.exit(1)
+    errors = {f"{e['cell']}: {e['error']}" for e in result.report["errors"]}
+    for f in result.failures[:20]:
+        click.echo(f"{'error' if f in errors else 'gate failed'}: {f}", err=True)
+    if result.exit_code:
+        sys.exit(result.exit_code)
 
 
 # ---------------------------------------------------------------------------------------------

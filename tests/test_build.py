@@ -167,6 +167,22 @@ def test_a_failing_gate_exits_1_and_names_the_cell(built, tiny_dir, adapters, tm
     pipeline.with_name("STRICT.toml").unlink()
 
 
+def test_an_adapter_for_another_base_is_a_bad_input_exit_2_with_one_line_per_cell(built, tmp_path):
+    """The tiny adapters over the bundled base: every base stage refuses them; exit 2 (bad input), one `error:`
+    line per cell naming the module and the shapes, no traceback, no library warnings from the workers."""
+    pipeline, _ = built
+    other = pipeline.with_name("OTHER.toml")
+    other.write_text(f'base = "bundled"\ntargets = ["cpu-fp32"]\ncache = "{tmp_path / "cache"}"\n'
+                     f'output = "{tmp_path / "out"}"\n[tasks.mood]\nadapter = "mood"\n')
+    proc = subprocess.run([sys.executable, "-m", "edgelora.cli", "build", str(other), "-q"], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    other.unlink()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: base cpu-fp32: ") and "made for another base" in lines[0]
+    assert not (tmp_path / "out" / "cpu-fp32").exists()
+
+
 def test_emit_matrix_and_only(built):
     pipeline, _ = built
     proc = subprocess.run([sys.executable, "-m", "edgelora.cli", "build", str(pipeline), "--emit-matrix"],

@@ -41,14 +41,22 @@ class Cell:
     built: bool = False
     seconds: float = 0.0
     error: str | None = None
+    exit_code: int = 1  # of its error: 2 when the cell's input is bad
 
 
 @dataclass
 class BuildResult:
     pipeline: Pipeline
     report: dict[str, Any]
-    failures: list[str]
+    failures: list[str]  # every cell that could not be built, then every missed gate
     seconds: float
+
+    @property
+    def exit_code(self) -> int:
+        """0: every gate holds; 2: a cell's input is bad (an adapter for another base, a bad eval file); 1: else."""
+        if not self.failures:
+            return 0
+        return 2 if any(e["exit_code"] == 2 for e in self.report["errors"]) else 1
 
 
 def emit_matrix(path: str | Path) -> dict[str, Any]:
@@ -146,6 +154,7 @@ class Build:
             cell = by_job[id(job)]
             cell.built, cell.seconds, cell.error = result.get("built", False), result.get("seconds", 0.0), \
                 result.get("error")
+            cell.exit_code = result.get("exit_code", 1)
             if cell.kind == "folder" and not cell.error:
                 self._stamp(cell)
             self._tick(cell)
@@ -163,8 +172,6 @@ class Build:
             state = "failed" if cell.error else "built" if cell.built else "cached"
             self.bar.set_postfix_str(f"{cell.kind} {cell.name} ({state})")
             self.bar.update(1)
-        if cell.error and not self.quiet:
-            print(f"edgelora build: {cell.kind} {cell.name}: {cell.error}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------ cells
     def _job(self, kind: str, **kw: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ def _threads(n: int) -> None:
 
 def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     """Build the job's cell in the cache unless it is there; ``{"built": bool, "seconds": float}`` or
-    ``{"error": one line}``."""
+    ``{"error": one line, "exit_code": 2 for bad input (an adapter for another base, a bad eval file), else 1}``."""
     t0 = time.perf_counter()
+    warnings.simplefilter("ignore")  # library chatter from a worker is not for the build's user (as in the CLI)
     try:
         _threads(job["threads"])
         cache = Cache(Path(job["cache"]))
@@ -44,10 +46,11 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
             built = cache.build(job["kind"], job["key"], lambda out: make(job, out), force=job.get("force", False))
         return {"built": built, "seconds": round(time.perf_counter() - t0, 2)}
     except EdgeloraError as exc:
-        return {"error": str(exc)}
+        return {"error": str(exc), "exit_code": exc.exit_code}
     except Exception as exc:  # a bug, not bad input: the cell names it, the build goes on to report
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        return {"error": f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"}
+        return {"error": f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})",
+                "exit_code": 1}
 
 
 def _train(job: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def _check(gates: dict[str, float], values: dict[str, float | None]) -> tuple[di
 def collect(b: Any) -> dict[str, Any]:  # noqa: C901
     from ..export.stages import base_state, task_state
 
-    failures = [f"{c.kind} {c.name}: {c.error}" for c in b.cells if c.error]
+    errors = [{"cell": f"{c.kind} {c.name}", "error": c.error, "exit_code": c.exit_code} for c in b.cells if c.error]
+    failures = [f"{e['cell']}: {e['error']}" for e in errors]
     targets: dict[str, Any] = {}
     for ref in b._targets():
         label = b.labels[ref]
@@ -100,7 +101,7 @@ def collect(b: Any) -> dict[str, Any]:  # noqa: C901
               for k in ("train", "base", "task", "folder")}
     return {"pipeline": str(b.p.source), "executor": b.executor_kind, "jobs": b.jobs, "threads": b.p.threads,
             "machine": cpu_info(), "cells": rows, "targets": targets, "train": train,
-            "built": built, "cached": cached, "failures": failures}
+            "built": built, "cached": cached, "errors": errors, "failures": failures}
 
 
 def write_report(b: Any) -> dict[str, Any]:
