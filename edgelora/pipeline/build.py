@@ -98,6 +98,7 @@ class Build:
         self.adapters: dict[str, Path] = {}
         self.evals: dict[str, tuple[Path, str]] = {}  # task -> (file, key)
         self.bar: Any = None
+        self._module_set: set[str] | None = None
 
     # ------------------------------------------------------------------------------------------ running
     def run(self) -> BuildResult:
@@ -108,10 +109,10 @@ class Build:
             self._data()
             self._stage([self._train_cell(n) for n, t in self.p.tasks.items() if t.train is not None])
             for name, t in self.p.tasks.items():
-                self.adapters[name] = (self.cache.path("train", self._key("train", name)) / "adapter"
+                self.adapters[name] = (self.cache.path("train", self.train_key(name)) / "adapter"
                                        if t.train is not None else t.adapter)  # type: ignore[assignment]
             if not self._failed("train"):
-                self._stage([self._base_cell(ref) for ref in self._targets()])
+                self._stage([self._base_cell(ref) for ref in self.targets_to_build()])
                 if not self.prepare:
                     self._stage([self._task_cell(n, ref) for n, ref in self._task_cells()])
                     if self.only is None:
@@ -124,7 +125,7 @@ class Build:
         report = write_report(self)
         return BuildResult(self.p, report, report["failures"], report["wall_seconds"])
 
-    def _targets(self) -> list[str]:
+    def targets_to_build(self) -> list[str]:
         return [self.only[1]] if self.only else list(self.p.targets)
 
     def _task_cells(self) -> list[tuple[str, str]]:
@@ -164,7 +165,7 @@ class Build:
             from tqdm import tqdm
 
             trained = sum(1 for t in self.p.tasks.values() if t.train is not None)
-            targets = len(self._targets())
+            targets = len(self.targets_to_build())
             total = trained + targets + (0 if self.prepare else len(self._task_cells()) + (
                 0 if self.only else targets))
             self.bar = tqdm(total=total, desc="cells", unit="cell", file=sys.stderr, leave=False)
@@ -210,33 +211,29 @@ class Build:
     def _train_cell(self, name: str) -> Cell:
         t = self.p.tasks[name]
         assert t.train is not None
-        key = self._key("train", name)
+        key = self.train_key(name)
         data = self._materialize(t.train.data, f"tasks.{name}.train.data")[0]
         return Cell("train", name, key, self._job("train", key=key, name=name, data=str(data),
                                                    params=t.train.params, base=self.p.base))
 
-    def _train_key(self, name: str) -> str:
+    def train_key(self, name: str) -> str:
         t = self.p.tasks[name]
         assert t.train is not None
         return digest("train", self.base_fp, self._data_keys[name], t.train.to_json()["params"], self.p.threads)
 
-    def _base_key(self, ref: str) -> str:
+    def base_key(self, ref: str) -> str:
         return digest("base", self.base_fp, file_sha256(self.targets[ref].source), sorted(self._modules()),
                       self.p.threads, self.p.latency_runs)
 
-    def _task_key(self, name: str, ref: str) -> str:
+    def task_key(self, name: str, ref: str) -> str:
         adapter = self.adapters[name]
         present = [f for f in ADAPTER_FILES if (adapter / f).is_file()]
-        return digest("task", self._base_key(ref), folder_sha256(adapter, present), name,
+        return digest("task", self.base_key(ref), folder_sha256(adapter, present), name,
                       self.evals[name][1] if name in self.evals else None)
-
-    def _key(self, kind: str, name: str, ref: str = "") -> str:
-        return {"train": lambda: self._train_key(name), "base": lambda: self._base_key(ref),
-                "task": lambda: self._task_key(name, ref)}[kind]()
 
     def _modules(self) -> set[str]:
         """Every LoRA-target module of every task's adapter, from the adapter files' tensor names."""
-        if getattr(self, "_module_set", None) is None:
+        if self._module_set is None:
             from ..hashing import read_safetensors_header
 
             modules: set[str] = set()
@@ -251,7 +248,7 @@ class Build:
         return self._module_set
 
     def _base_cell(self, ref: str) -> Cell:
-        key = self._key("base", "", ref)
+        key = self.base_key(ref)
         return Cell("base", self.labels[ref], key, self._job(
             "base", key=key, base=self.p.base, target=ref, target_label=self.labels[ref],
             adapters={n: str(p) for n, p in self.adapters.items()}))
@@ -259,8 +256,8 @@ class Build:
     def _task_cell(self, name: str, ref: str) -> Cell | None:
         if self._base_failed(ref):
             return None
-        key = self._key("task", name, ref)
-        base_cell = self.cache.path("base", self._key("base", "", ref))
+        key = self.task_key(name, ref)
+        base_cell = self.cache.path("base", self.base_key(ref))
         return Cell("task", f"{name}/{self.labels[ref]}", key, self._job(
             "task", key=key, name=name, adapter=str(self.adapters[name]), target=ref,
             target_label=self.labels[ref], base_cell=str(base_cell),
@@ -274,13 +271,13 @@ class Build:
         if self._base_failed(ref) or any(c.error for c in self.cells if c.kind == "task"
                                          and c.name.endswith(f"/{label}")):
             return None
-        tasks = {n: str(self.cache.path("task", self._key("task", n, ref))) for n in self.p.tasks}
-        key = digest("folder", self._key("base", "", ref), list(tasks.items()), self.p.bundle)  # in file order
+        tasks = {n: str(self.cache.path("task", self.task_key(n, ref))) for n in self.p.tasks}
+        key = digest("folder", self.base_key(ref), list(tasks.items()), self.p.bundle)  # in file order
         output = self.p.output.resolve() / label
         why = "asked for (--force)" if self.force else self._stamped(label, key, output)
         return Cell("folder", label, key, self._job(
             "folder", key=key, target=ref, target_label=label, output=str(output), bundle=self.p.bundle,
-            base_cell=str(self.cache.path("base", self._key("base", "", ref))), task_cells=tasks,
+            base_cell=str(self.cache.path("base", self.base_key(ref))), task_cells=tasks,
             fresh=why is None, why=why))
 
     # ------------------------------------------------------------------------------------------ the output

@@ -52,7 +52,7 @@ def collect(b: Any) -> dict[str, Any]:  # noqa: C901
     errors = [{"cell": f"{c.kind} {c.name}", "error": c.error, "exit_code": c.exit_code} for c in b.cells if c.error]
     failures = [f"{e['cell']}: {e['error']}" for e in errors]
     targets: dict[str, Any] = {}
-    for ref in b._targets():
+    for ref in b.targets_to_build():
         label = b.labels[ref]
         cell = next((c for c in b.cells if c.kind == "base" and c.name == label), None)
         if cell is None or cell.error:
@@ -94,7 +94,7 @@ def collect(b: Any) -> dict[str, Any]:  # noqa: C901
     train = {c.name: {"built": c.built, "seconds": c.seconds, "error": c.error} for c in b.cells if c.kind == "train"}
     for name, t in train.items():
         if not t["error"]:
-            rec = b.cache.record("train", b._key("train", name))
+            rec = b.cache.record("train", b.train_key(name))
             t |= {"train_seconds": rec.get("seconds"), "history": rec.get("history")}
     built = {k: sum(1 for c in b.cells if c.kind == k and c.built) for k in ("train", "base", "task", "folder")}
     cached = {k: sum(1 for c in b.cells if c.kind == k and not c.built and not c.error)
