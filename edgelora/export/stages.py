@@ -102,8 +102,10 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _base_result(ctx: ExportContext, base_dir: Path, folder: Path, state: dict[str, Any]) -> BaseResult:
-    """The base stage's result again, its patch plan made over the base files in ``folder``."""
+def _base_result(ctx: ExportContext, base_dir: Path, folder: Path, state: dict[str, Any],
+                 plan_patches: bool = True) -> BaseResult:
+    """The base stage's result again, its patch plan made over the base files in ``folder`` (assembly bakes
+    nothing: ``plan_patches=False`` keeps only the fact that tasks were patched, for the report)."""
     from safetensors.numpy import load_file
 
     where = str(base_dir / BASE_STATE)
@@ -117,7 +119,9 @@ def _base_result(ctx: ExportContext, base_dir: Path, folder: Path, state: dict[s
     b.branches = parse_section("lora_graph", state["branches"], where) if state["branches"] else None
     b.swap = parse_section("swap", state["swap"], where) if state["swap"] else None
     b.swap_reason, b.layouts, b.patch_reason = state["swap_reason"], dict(state["layouts"]), state["patch_reason"]
-    if state["patch"]:
+    if state["patch"] and not plan_patches:
+        b.patch = True  # write_report reads only whether there was a plan
+    elif state["patch"]:
         b.patch, reason = ctx.backend.patch_plan(folder, weights, locations)
         if b.patch is None:
             raise EdgeloraError(f"{base_dir}: the base engine can no longer be patched ({reason}); rebuild it")
@@ -212,8 +216,7 @@ def assemble(base_dir: Path, task_dirs: Mapping[str, Path], target: Target, outp
     with atomic_output_dir(output, force=True) as out, scratch_dir(out):
         ctx.out = out
         _copy_tree(base_dir / "base", out / "base")
-        ctx.base_result = _base_result(ctx, base_dir, out, {**state, "patch": False})
-        ctx.base_result.patch = True if state["patch"] else None  # the report says whether tasks were patched
+        ctx.base_result = _base_result(ctx, base_dir, out, state, plan_patches=False)
         for name, task_dir in task_dirs.items():
             record = _read_state(task_dir / TASK_STATE)
             for sub in ("tasks", "base"):

@@ -181,10 +181,10 @@ class Build:
 
     def _data(self) -> None:
         """Each task's training and eval selection as a file (the selection itself where it is a whole file)."""
-        self._data_keys: dict[str, str] = {}
+        self._train_data: dict[str, tuple[Path, str]] = {}  # task -> (file, key)
         for name, t in self.p.tasks.items():
             if t.train is not None:
-                self._data_keys[name] = self._materialize(t.train.data, f"tasks.{name}.train.data")[1]
+                self._train_data[name] = self._materialize(t.train.data, f"tasks.{name}.train.data")
             if t.eval is not None:
                 self.evals[name] = self._materialize(t.eval, f"tasks.{name}.eval")
 
@@ -212,14 +212,14 @@ class Build:
         t = self.p.tasks[name]
         assert t.train is not None
         key = self.train_key(name)
-        data = self._materialize(t.train.data, f"tasks.{name}.train.data")[0]
+        data = self._train_data[name][0]
         return Cell("train", name, key, self._job("train", key=key, name=name, data=str(data),
                                                    params=t.train.params, base=self.p.base))
 
     def train_key(self, name: str) -> str:
         t = self.p.tasks[name]
         assert t.train is not None
-        return digest("train", self.base_fp, self._data_keys[name], t.train.to_json()["params"], self.p.threads)
+        return digest("train", self.base_fp, self._train_data[name][1], t.train.to_json()["params"], self.p.threads)
 
     def base_key(self, ref: str) -> str:
         return digest("base", self.base_fp, file_sha256(self.targets[ref].source), sorted(self._modules()),

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import EdgeloraError
+from ..format.files import sha256_file
 from ..fsutil import atomic_output_dir
 
 CELL_RECORD = "cell.json"  # written last into every cell
@@ -31,11 +32,11 @@ def digest(*parts: Any) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sha256_file(fd)
+    finally:
+        os.close(fd)
 
 
 def folder_sha256(folder: Path, names: Iterable[str] | None = None) -> str:
