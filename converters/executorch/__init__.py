@@ -1,0 +1,1 @@
+"""The ExecuTorch backend (torch.export -> XNNPACK-delegated .pte, shared .ptd weights)."""
