@@ -13,7 +13,16 @@ The library, one module per step (see ../shared/DESIGN.md):
 Heavy dependencies (torch, transformers, peft) are imported by the modules that need them, not here.
 """
 
+import logging as _logging
+
 from .errors import EdgeloraError, EdgeloraWarning
+
+# torchao (installed with the executorch extra) is imported by transformers and peft whenever it is present; its
+# CUDA-only extensions then log "Failed to load ..." on a CPU torch, and torch's pytree logs deprecations for
+# its enums. Neither concerns edgelora: keep them off stderr unless the application set those loggers itself.
+for _name in ("torchao", "torch.utils._pytree"):
+    if _logging.getLogger(_name).level == _logging.NOTSET:
+        _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["EdgeloraError", "EdgeloraWarning", "__version__"]
