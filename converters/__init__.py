@@ -58,3 +58,4 @@ def get_backend(name: str) -> Backend:
 
 register_backend("onnxruntime", "edgelora.converters.onnx.backend:OnnxRuntimeBackend")
 register_backend("tensorrt", "edgelora.converters.tensorrt.backend:TensorRTBackend")
+register_backend("executorch", "edgelora.converters.executorch.backend:ExecuTorchBackend")

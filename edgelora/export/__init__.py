@@ -94,7 +94,7 @@ def export(
     read_adapters(ctx)  # every adapter read and checked against the base before any work
     with atomic_output_dir(output, force=force) as out, scratch_dir(out) as work:
         ctx.out, ctx.work = out, work
-        for step in BUILD_STEPS:
+        for step in getattr(ctx.backend, "steps", BUILD_STEPS):  # a backend may bring its own (executorch)
             step(ctx)
         if ctx.failures and not keep_failed:
             raise ExportFailed(_failure_message(ctx))
