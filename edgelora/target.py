@@ -27,6 +27,11 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_TARGET = "cpu-fp32"
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what ONNX Runtime's MatMulNBits quantizer (MLAS) accepts
+# ONNX Runtime's ORT-format converter (onnxruntime.tools.convert_onnx_models_to_ort): its optimization levels,
+# styles and target platforms
+ORT_LEVELS = ("basic", "extended", "all")
+ORT_STYLES = ("fixed", "runtime")
+ORT_PLATFORMS = ("arm", "amd64")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,93 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class Mobile:
+    """``[mobile]``: also write the engines as ONNX Runtime Mobile's ORT-format models (``mobile/*.ort``) and the
+    ``required_operators.config`` a minimal ONNX Runtime build takes (``--include_ops_by_config``)."""
+
+    ort: bool = True
+    # the converter's graph optimization level, baked into the .ort (ORT-format models are not optimized again
+    # when loaded): basic (ONNX operators only), extended (+ ONNX Runtime's contrib fusions), all (+ layout)
+    optimization_level: str = "all"
+    # fixed: the optimizations applied before saving (CPU / XNNPACK); runtime: basic ones applied, the others
+    # saved and replayed on the nodes a compiling provider (NNAPI, CoreML) leaves to the CPU
+    optimization_style: str = "fixed"
+    target_platform: str = "arm"  # arm: int8 QDQ kept as int8 (session.qdqisint8allowed), no NCHWc layout
+    lora_graph: bool = False  # also convert base/lora.onnx (mixed-task batches, ONNX Runtime's LoRA adapters)
+
+
+# [providers.NAME] tables: a device execution provider and its options, in ONNX Runtime's own option names
+@dataclass(frozen=True)
+class XnnpackOptions:
+    intra_op_num_threads: int = 0  # 0: ONNX Runtime's default
+
+    def provider_options(self) -> dict[str, str]:
+        return {"intra_op_num_threads": str(self.intra_op_num_threads)} if self.intra_op_num_threads else {}
+
+
+@dataclass(frozen=True)
+class NnapiOptions:
+    use_fp16: bool = False  # let NNAPI compute fp32 models in fp16
+    use_nchw: bool = False
+    cpu_disabled: bool = False  # never NNAPI's own CPU reference device (nnapi-reference)
+    cpu_only: bool = False
+
+    def provider_options(self) -> dict[str, str]:
+        names = {"use_fp16": "NNAPI_FLAG_USE_FP16", "use_nchw": "NNAPI_FLAG_USE_NCHW",
+                 "cpu_disabled": "NNAPI_FLAG_CPU_DISABLED", "cpu_only": "NNAPI_FLAG_CPU_ONLY"}
+        return {flag: "1" for key, flag in names.items() if getattr(self, key)}
+
+
+@dataclass(frozen=True)
+class CoreMLOptions:
+    model_format: str = "MLProgram"  # MLProgram | NeuralNetwork
+    compute_units: str = "ALL"  # ALL | CPUOnly | CPUAndGPU | CPUAndNeuralEngine
+    require_static_input_shapes: bool = False
+    enable_on_subgraphs: bool = False
+
+    def provider_options(self) -> dict[str, str]:
+        return {"ModelFormat": self.model_format, "MLComputeUnits": self.compute_units,
+                "RequireStaticInputShapes": str(int(self.require_static_input_shapes)),
+                "EnableOnSubgraphs": str(int(self.enable_on_subgraphs))}
+
+
+@dataclass(frozen=True)
+class QnnOptions:
+    backend_path: str = "libQnnHtp.so"  # the Hexagon NPU (HTP); libQnnCpu.so for QNN's CPU backend
+    htp_performance_mode: str = "burst"
+    enable_htp_fp16_precision: bool = True  # run fp32 graphs in fp16 on the HTP
+
+    def provider_options(self) -> dict[str, str]:
+        return {"backend_path": self.backend_path, "htp_performance_mode": self.htp_performance_mode,
+                "enable_htp_fp16_precision": str(int(self.enable_htp_fp16_precision))}
+
+
+# [providers.<key>] -> (ONNX Runtime's provider name, its options)
+DEVICE_PROVIDERS: dict[str, tuple[str, type]] = {
+    "XNNPACK": ("XnnpackExecutionProvider", XnnpackOptions),
+    "NNAPI": ("NnapiExecutionProvider", NnapiOptions),
+    "CoreML": ("CoreMLExecutionProvider", CoreMLOptions),
+    "QNN": ("QNNExecutionProvider", QnnOptions),
+}
+COREML_FORMATS = ("MLProgram", "NeuralNetwork")
+COREML_UNITS = ("ALL", "CPUOnly", "CPUAndGPU", "CPUAndNeuralEngine")
+QNN_PERFORMANCE = ("burst", "balanced", "default", "high_performance", "high_power_saver", "low_balanced",
+                   "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance")
+
+
+@dataclass(frozen=True)
+class DeviceProvider:
+    """One ``[providers.KEY]`` table: the provider a device app asks ONNX Runtime for, and its options."""
+
+    key: str  # XNNPACK | NNAPI | CoreML | QNN
+    options: Any  # XnnpackOptions | NnapiOptions | CoreMLOptions | QnnOptions
+
+    @property
+    def name(self) -> str:
+        return DEVICE_PROVIDERS[self.key][0]
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     backend: str
@@ -78,14 +170,24 @@ class Target:
     quantization: Quantization = field(default_factory=Quantization)
     shapes: Shapes = field(default_factory=Shapes)
     tolerance: Tolerance = field(default_factory=Tolerance)
+    mobile: Mobile | None = None  # [mobile]: ORT-format models for ONNX Runtime Mobile
+    providers: tuple[DeviceProvider, ...] = ()  # [providers.*]: device providers, in preference order
     source: str = ""  # the file it was read from
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("quantization", "shapes",
-                                                                                       "tolerance", "source")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in (
+            "quantization", "shapes", "tolerance", "mobile", "providers", "source")}
         for sub in ("quantization", "shapes", "tolerance"):
-            out[sub] = {f.name: getattr(getattr(self, sub), f.name) for f in fields(getattr(self, sub))}
+            out[sub] = _fields_json(getattr(self, sub))
+        if self.mobile is not None:
+            out["mobile"] = _fields_json(self.mobile)
+        if self.providers:
+            out["providers"] = {p.key: _fields_json(p.options) for p in self.providers}
         return out
+
+
+def _fields_json(section: Any) -> dict[str, Any]:
+    return {f.name: getattr(section, f.name) for f in fields(section)}
 
 
 def bundled_targets() -> dict[str, Path]:
@@ -148,12 +250,16 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
     for key, cls in subs.items():
         if key in data:
             kwargs[key] = _section(cls, data.pop(key), f"{where}: [{key}]")
+    if "mobile" in data:
+        kwargs["mobile"] = _section(Mobile, data.pop("mobile"), f"{where}: [mobile]")
+    if "providers" in data:
+        kwargs["providers"] = _providers(data.pop("providers"), where)
     required = {"name": str, "backend": str, "provider": str, "precision": str, "opset": int}
     optional = {"description": str, "optimize": bool, "bake_task_engines": bool, "lora_graph": bool}
     for key in data:
         if key not in required and key not in optional:
             raise EdgeloraError(f"{where}: unknown field '{key}'; known fields: "
-                                f"{', '.join([*required, *optional, *subs])}")
+                                f"{', '.join([*required, *optional, *subs, 'mobile', 'providers'])}")
     for key, typ in {**required, **optional}.items():
         if key not in data:
             if key in required:
@@ -193,7 +299,55 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         (t.tolerance.max_abs_diff > 0 and 0 < t.tolerance.min_cosine <= 1 and 0 <= t.tolerance.min_agreement <= 1,
          "[tolerance] needs max_abs_diff > 0, min_cosine in (0, 1], min_agreement in [0, 1]"),
     ]
-    for ok, msg in checks:
+    for ok, msg in checks + _mobile_checks(t):
         if not ok:
             raise EdgeloraError(f"{where}: {msg}")
     return t
+
+
+def _providers(data: Any, where: str) -> tuple[DeviceProvider, ...]:
+    """``[providers.KEY]`` tables, in the file's order (the app's preference order)."""
+    if not isinstance(data, dict):
+        raise EdgeloraError(f"{where}: providers must be tables [providers.NAME]; NAME one of "
+                            f"{', '.join(DEVICE_PROVIDERS)}")
+    out = []
+    for key, table in data.items():
+        if key not in DEVICE_PROVIDERS:
+            raise EdgeloraError(f"{where}: [providers.{key}] is not a device provider edgelora knows; choose one of "
+                                f"{', '.join(DEVICE_PROVIDERS)}")
+        out.append(DeviceProvider(key, _section(DEVICE_PROVIDERS[key][1], table, f"{where}: [providers.{key}]")))
+    return tuple(out)
+
+
+def _mobile_checks(t: Target) -> list[tuple[bool, str]]:
+    m, opts = t.mobile, {p.key: p.options for p in t.providers}
+    checks = [(not t.providers or m is not None,
+               "[providers] lists device providers for ONNX Runtime Mobile; add a [mobile] section (see "
+               "targets/mobile-fp32.toml)")]
+    if m is not None:
+        checks += [
+            (t.backend == "onnxruntime", f"[mobile] needs backend = 'onnxruntime' (got {t.backend!r})"),
+            (m.ort, "[mobile] ort = false writes nothing for ONNX Runtime Mobile; remove the [mobile] section"),
+            (m.optimization_level in ORT_LEVELS,
+             f"[mobile] optimization_level = {m.optimization_level!r}; choose one of {', '.join(ORT_LEVELS)}"),
+            (m.optimization_style in ORT_STYLES,
+             f"[mobile] optimization_style = {m.optimization_style!r}; choose one of {', '.join(ORT_STYLES)}"),
+            (m.target_platform in ORT_PLATFORMS,
+             f"[mobile] target_platform = {m.target_platform!r}; choose one of {', '.join(ORT_PLATFORMS)}"),
+        ]
+    if "XNNPACK" in opts:
+        checks.append((opts["XNNPACK"].intra_op_num_threads >= 0,
+                       "[providers.XNNPACK] intra_op_num_threads must be ≥ 0 (0: ONNX Runtime's default)"))
+    if "CoreML" in opts:
+        c = opts["CoreML"]
+        checks += [(c.model_format in COREML_FORMATS, f"[providers.CoreML] model_format = {c.model_format!r}; "
+                    f"choose one of {', '.join(COREML_FORMATS)}"),
+                   (c.compute_units in COREML_UNITS, f"[providers.CoreML] compute_units = {c.compute_units!r}; "
+                    f"choose one of {', '.join(COREML_UNITS)}")]
+    if "QNN" in opts:
+        q = opts["QNN"]
+        checks += [(q.htp_performance_mode in QNN_PERFORMANCE, f"[providers.QNN] htp_performance_mode = "
+                    f"{q.htp_performance_mode!r}; choose one of {', '.join(QNN_PERFORMANCE)}"),
+                   (bool(q.backend_path), "[providers.QNN] backend_path must name the QNN backend library "
+                    "(libQnnHtp.so, libQnnCpu.so)")]
+    return checks
