@@ -243,6 +243,21 @@ def test_quantized_engines_stay_within_their_tolerance(precision, family_adapter
         assert cos >= min_cos and np.abs(mine - ref).max() <= 5.0, (family, precision, cos)
         if precision == "int8" and family == "bert":
             assert np.abs(mine - got).max() <= 1e-4  # same int8 weights as the baked engine, fp32 head
+            # later switches copy the int8 encoding the first one kept; a loaded delta is encoded at load: the
+            # same bits as re-quantizing
+            kept = rt.store.get("t1").encoded
+            assert kept and all(v.dtype in (np.int8, np.float32) for v in kept.values())
+            for _ in range(2):
+                rt.activate(None)
+                rt._forget_built()
+                rt.activate("t1")
+                assert np.array_equal(rt.run(input_ids=ids)["logits"], mine)
+            rt.load("again", tmp_path / family / manifest["tasks"]["t1"]["delta"])
+            assert set(rt.store.get("again").encoded) == set(kept)
+            assert all(np.array_equal(rt.store.get("again").encoded[k], v) for k, v in kept.items())
+            rt._forget_built()
+            rt.activate("again")
+            assert np.array_equal(rt.run(input_ids=ids)["logits"], mine)
 
 
 def test_int4_stores_tied_embeddings_once(family_adapters, tmp_path, cli):

@@ -244,6 +244,8 @@ class Runtime:
                                      f"{old.head_rows or 'none'} ({', '.join(old.labels or ())}); pass labels=[...] "
                                      "for the new head, or load it under another name")
                 delta = replace(delta, labels=old.labels)
+            if self._swap is not None and delta.swappable:
+                self._swap.prepare(delta.modules, delta.encoded)  # int8: its first switch copies too
             self.store.put(name, source, delta, protect=self.active)
             with self._cache_lock:
                 self._feeds_cache.pop(name, None)
@@ -484,12 +486,16 @@ class Runtime:
             self._release(state)
 
     # ------------------------------------------------------------------ measuring
-    def _forget_built(self) -> None:
+    def _forget_built(self, encodings: bool = False) -> None:
         """Benchmarks only: treat every slot but the active one as holding nothing, so the next switch rebuilds
-        (times what switching to a task no slot holds costs; the slots' contents are left as they are)."""
+        (times what switching to a task no slot holds costs; the slots' contents are left as they are).
+        ``encodings``: also drop the int8 encodings the tasks keep, so the rebuild re-quantizes."""
         if self._slots is not None:
             with self._activating:
                 self._slots.forget(self._state.slot)
+                if encodings:
+                    for name in self.store.resident:
+                        self.store.get(name, protect=self.active).encoded.clear()
 
     def benchmark(self, runs: int = 30, swaps: int = 30, sequence: int | None = None) -> dict[str, Any]:
         """Median ``run`` latency (active task) and median ``activate`` time cycling through the tasks and the

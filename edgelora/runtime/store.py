@@ -13,7 +13,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,9 @@ class TaskDelta:
     sha256: str  # of the bytes it was read from: a re-read after eviction must find the same
     engine: str | None = None  # the deployment's baked engine of exactly this delta (its own tasks only)
     swappable: bool = True  # False: not a pure W0 + s·B·A update (DoRA, LoRA bias): runs on ``engine`` only
+    # the task's swapped weights in their int8 encoding (input name -> array), filled by its first rebuild: a later
+    # switch to the task copies them instead of re-quantizing (``swap.SwapWeights.build``); lives and dies with it
+    encoded: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def head_rows(self) -> int | None:

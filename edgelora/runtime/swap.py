@@ -11,8 +11,14 @@ fed in (``WeightLocation.transposed``: (in, out), else (out, in), which fp32 swa
 exporter merged that weight in, so a rebuilt weight is the baked engine's bit for bit.
 
 Recipes (per weight, from the manifest): ``float32``; ``float16`` (cast); ``int8`` (ONNX Runtime's
-per-column symmetric dynamic-quantization recipe, re-applied to the touched columns only — per-column
-scales make that identical to quantizing the whole merged weight).
+per-column symmetric recipe, shared by its dynamic and its static QDQ quantizers, re-applied to the touched
+columns only — per-column scales make that identical to quantizing the whole merged weight).
+
+int8 rebuilds keep what they made: a task's first switch re-quantizes its weights (W1: ~4-6 ms, eight passes
+over 1.8M values) and leaves the int8 values and scales with the task (``encoded``, 1.8 MB for W1's
+q, v: a quarter of the fp32 weights it came from); every later switch to it copies them (one pass over a
+quarter of the bytes). ``prepare`` does the first one ahead, when a task is loaded. float32 rebuilds are
+already one GEMM and one add, and a copy of their result would cost as much: they keep nothing.
 """
 
 from __future__ import annotations
@@ -140,10 +146,12 @@ class SwapWeights:
                 arrays[inputs["weight"]], arrays[inputs["scale"]] = int8_per_column(w0)
         return arrays
 
-    def build(self, slot: Slot, modules: Mapping[str, DeltaModule]) -> None:
+    def build(self, slot: Slot, modules: Mapping[str, DeltaModule],
+              encoded: dict[str, np.ndarray] | None = None) -> None:
         """Make ``slot`` hold W0 + the deltas in ``modules`` (and W0 wherever it held another task).
         The weights are dealt into one share per thread; each share has its own scratch buffers. Calls must
-        not overlap (the runtime holds its activate lock)."""
+        not overlap (the runtime holds its activate lock). ``encoded``: the task's int8 encodings from an
+        earlier rebuild, copied where present, filled where not (see the module docstring)."""
         todo = [n for n in self.spec if n in slot.dirty or any(m in modules for m in self.modules_of.get(n, ()))]
         slot.dirty.update(todo)  # a failure half-way leaves these marked for the next rebuild
         jobs = [(name, [m for m in self.modules_of.get(name, ()) if m in modules]) for name in todo]
@@ -151,20 +159,47 @@ class SwapWeights:
         jobs.sort(key=lambda job: -self.w0[job[0]].size)
         shares = [jobs[k::self._shares] for k in range(self._shares)] if self._pool is not None else [jobs]
         with single_threaded_blas():
-            futures = [self._pool.submit(self._build_share, slot, k, share, modules)  # type: ignore[union-attr]
+            futures = [self._pool.submit(self._build_share, slot, k, share, modules, encoded)  # type: ignore[union-attr]
                        for k, share in enumerate(shares) if k and share]
             try:
-                self._build_share(slot, 0, shares[0], modules)
+                self._build_share(slot, 0, shares[0], modules, encoded)
             finally:
                 wait(futures)  # no worker may still write into the slot once this returns or raises
         for f in futures:
             f.result()  # a worker's error
 
     def _build_share(self, slot: Slot, share: int, jobs: list[tuple[str, list[str]]],
-                     modules: Mapping[str, DeltaModule]) -> None:
+                     modules: Mapping[str, DeltaModule], encoded: dict[str, np.ndarray] | None) -> None:
         for name, mods in jobs:
+            if mods and encoded is not None and self._copy_encoded(slot, name, encoded):
+                continue
             delta = self._packed_delta(name, mods, modules, self._scratch_for(share, name)) if mods else None
             self._apply(slot, name, mods, delta, share)
+            if mods and encoded is not None and self.spec[name].recipe == "int8":
+                for key in self.spec[name].inputs.values():  # distinct keys per weight: safe across the workers
+                    encoded[key] = slot.arrays[key].copy()
+
+    def prepare(self, modules: Mapping[str, DeltaModule], encoded: dict[str, np.ndarray]) -> None:
+        """Fill ``encoded`` with the task's int8 weights now (no slot changes), so its first switch copies too.
+        Calls must not overlap with ``build`` (the runtime holds its activate lock)."""
+        jobs = [(n, [m for m in self.modules_of.get(n, ()) if m in modules]) for n in self.spec
+                if self.spec[n].recipe == "int8" and n not in encoded]
+        jobs = [job for job in jobs if job[1]]
+        if not jobs:
+            return
+        slot = Slot({k: self._base[k].copy() for n, _ in jobs for k in self.spec[n].inputs.values()})
+        with single_threaded_blas():
+            self._build_share(slot, 0, jobs, modules, encoded)
+
+    def _copy_encoded(self, slot: Slot, name: str, encoded: Mapping[str, np.ndarray]) -> bool:
+        """Copy the task's kept encoding of weight ``name`` into ``slot``; False when it has none."""
+        keys = list(self.spec[name].inputs.values())
+        if not all(k in encoded for k in keys):
+            return False
+        for key in keys:
+            np.copyto(slot.arrays[key], encoded[key])
+        slot.dirty.add(name)
+        return True
 
     def _contiguous(self, name: str, width: int, share: int) -> np.ndarray:
         key = (-1 - share, (self.w0[name].shape[0], width))
@@ -281,7 +316,8 @@ class SlotPool:
             while self.readers[victim]:
                 self.cond.wait()
         self.held[victim] = _UNKNOWN  # a failure half-way leaves it unusable until rebuilt
-        self.weights.build(self.weights.slots[victim], delta.modules if delta is not None else {})
+        self.weights.build(self.weights.slots[victim], delta.modules if delta is not None else {},
+                           delta.encoded if delta is not None else None)
         self.held[victim] = delta
         self.used[victim] = self.clock
         return victim
