@@ -17,6 +17,10 @@
                                graph with the task's weights (W0 + s·B·A) inline, every other weight read
                                from base/model.onnx.data (a re-exported engine holds all its weights)
       tasks/NAME/adapter.onnx_adapter  the delta as ONNX Runtime adapter parameters for base/lora.onnx
+      mobile/NAME.ort          mobile-* targets: each engine the runtime or an app runs (base/model, base/swap,
+                               base/task-*; base/lora where asked) as an ONNX Runtime Mobile ORT-format model,
+                               all its weights inside (ORT format has no external data)
+      mobile/required_operators.config  the operators those models use, for a minimal ONNX Runtime build
       tokenizer/               the base's tokenizer files
       report.json, report.md   parity, sizes, latency
 
@@ -40,6 +44,8 @@ SWAP_ENGINE = "base/swap.onnx"
 SWAP_W0 = "base/swap_w0.safetensors"
 LORA_ENGINE = "base/lora.onnx"  # the base with LoRA branches whose A, B are inputs
 LORA_DATA = "lora.onnx.data"  # its external data, shared by the fp32 swap graph
+MOBILE_DIR = "mobile"
+OPERATORS_CONFIG = "mobile/required_operators.config"  # onnxruntime's build.py --include_ops_by_config
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 TOKENIZER_DIR = "tokenizer"
@@ -57,6 +63,11 @@ def task_engine_path(name: str) -> str:
     """Beside the base engine: a patched task engine reads every weight it does not change from
     ``base/model.onnx.data`` (ONNX Runtime takes external data only from the model's own folder)."""
     return f"base/task-{name}.onnx"
+
+
+def ort_model_path(engine: str) -> str:
+    """The ORT-format model of an engine of base/ (``base/swap.onnx`` -> ``mobile/swap.ort``)."""
+    return f"{MOBILE_DIR}/{engine.rsplit('/', 1)[-1].removesuffix('.onnx')}.ort"
 
 
 def ort_adapter_path(name: str) -> str:

@@ -136,6 +136,38 @@ class SwapSpec:
 
 
 @dataclass(frozen=True)
+class DeviceProviderSpec:
+    """A device execution provider a mobile app asks ONNX Runtime for, and its options (ONNX Runtime's names)."""
+
+    name: str  # XnnpackExecutionProvider, NnapiExecutionProvider, CoreMLExecutionProvider, QNNExecutionProvider
+    options: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class MobileSpec:
+    """ONNX Runtime Mobile: each engine's ORT-format model (``engines``: the ``.onnx`` path -> its ``.ort``, which
+    holds all its weights: ORT format has no external data), the operator config of a minimal build, how the
+    models were converted, and the device providers in the app's preference order."""
+
+    engines: Mapping[str, str]
+    operators: str | None  # required_operators.config (None in a device bundle: it is read at build time)
+    onnxruntime: str  # the converter's version: ORT-format models load on this ONNX Runtime or newer
+    optimization_level: str
+    optimization_style: str  # "fixed" | "runtime" (replay: session.enable_saved_runtime_optimizations = 1)
+    target_platform: str
+    providers: tuple[DeviceProviderSpec, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "ort", "onnxruntime": self.onnxruntime, "optimization_level": self.optimization_level,
+                "optimization_style": self.optimization_style, "target_platform": self.target_platform,
+                "engines": dict(sorted(self.engines.items())), "operators": self.operators,
+                "providers": [p.to_json() for p in self.providers]}
+
+
+@dataclass(frozen=True)
 class ModuleInfo:
     rank: int
     scale: float
@@ -187,6 +219,7 @@ class Manifest:
     edgelora_version: str = ""
     name_map_graph: str = ""  # the graph the name map was built on ("fused fp32", "fp32")
     swap_unavailable: str | None = None  # why there is no swap graph
+    mobile: MobileSpec | None = None  # ORT-format models for ONNX Runtime Mobile (mobile-* targets)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest.json this describes (``parse_manifest(m.to_json())`` gives ``m`` back)."""
@@ -196,6 +229,7 @@ class Manifest:
                 "lora_graph": self.lora_graph.to_json() if self.lora_graph else None,
                 "swap": self.swap.to_json() if self.swap else None, "swap_unavailable": self.swap_unavailable,
                 "tasks": {n: t.to_json() for n, t in self.tasks.items()},
+                **({"mobile": self.mobile.to_json()} if self.mobile else {}),
                 "files": {rel: e.to_json() for rel, e in self.files.items()}}
 
 
@@ -238,7 +272,8 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     manifest = Manifest(fmt, top.text("task"), base, tgt, tokenizer, name_map, lora, swap, tasks, files, raw,
                         top.get("edgelora_version", _is_str, "a string", optional=True, default=""),
                         name_map_f.get("graph", _is_str, "a string", optional=True, default=""),
-                        top.get("swap_unavailable", _is_str, "a string", optional=True))
+                        top.get("swap_unavailable", _is_str, "a string", optional=True),
+                        _mobile(top.sub("mobile")) if top.has("mobile") else None)
     _check_listed(manifest, where)
     return manifest
 
@@ -329,6 +364,27 @@ def _source(f: _Fields, recipe: str, shape: list[int]) -> W0Source:
                     f.get("transposed", _is_bool, "true or false"))
 
 
+def _mobile(f: _Fields) -> MobileSpec:
+    if f.d.get("format") != "ort":
+        raise f.error("format", f.d.get("format"), "'ort' (a newer edgelora wrote it? update)")
+    engines_f = f.sub("engines")
+    engines = {check_relative(rel, f"mobile.engines[{rel!r:.40}]", f.where): engines_f.path(rel)
+               for rel in engines_f.d}
+    for rel, ort in engines.items():
+        if not ort.endswith(".ort"):
+            raise engines_f.error(rel, ort, "the path of an ORT-format model (.ort)")
+    providers_raw = f.get("providers", lambda v: isinstance(v, list), "a list", optional=True, default=[])
+    providers = []
+    for i, raw in enumerate(providers_raw):
+        p = _Fields(raw, f.name(f"providers[{i}]"), f.where)
+        options = p.get("options", lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and isinstance(x, str) for k, x in v.items()), "an object of strings")
+        providers.append(DeviceProviderSpec(p.text("name"), dict(options)))
+    return MobileSpec(engines, f.path("operators") if f.has("operators") else None, f.text("onnxruntime"),
+                      f.text("optimization_level"), f.text("optimization_style"), f.text("target_platform"),
+                      tuple(providers))
+
+
 def _task(name: str, f: _Fields) -> TaskEntry:
     if not TASK_NAME.fullmatch(name):
         raise DeploymentError(f"{f.where}: task name {name!r:.40} is not usable (letters, digits, . _ -); re-export")
@@ -376,6 +432,8 @@ def _check_listed(m: Manifest, where: str) -> None:
             paths[f"tasks.{t.name}.engine"] = t.engine
         if t.ort_adapter:
             paths[f"tasks.{t.name}.ort_adapter"] = t.ort_adapter
+    if m.mobile is not None:
+        paths = _mobile_paths(m.mobile, paths)
     for fld, rel in paths.items():
         if rel not in m.files:
             raise DeploymentError(f"{where}: {fld} = {rel!r:.60} is not in the files table, so it cannot be "
@@ -383,6 +441,16 @@ def _check_listed(m: Manifest, where: str) -> None:
     if m.tokenizer is not None and f"{m.tokenizer}/tokenizer.json" not in m.files:
         raise DeploymentError(f"{where}: tokenizer = {m.tokenizer!r:.40} has no tokenizer.json in the files table; "
                               "re-export the folder")
+
+
+def _mobile_paths(mobile: MobileSpec, paths: dict[str, str]) -> dict[str, str]:
+    """What must be listed in a folder with ORT-format models: each engine's .ort (a device bundle carries the
+    .ort alone, so an engine with one need not be listed itself), the operator config."""
+    out = {fld: rel for fld, rel in paths.items() if rel not in mobile.engines}
+    out |= {f"mobile.engines.{rel}": ort for rel, ort in mobile.engines.items()}
+    if mobile.operators is not None:
+        out["mobile.operators"] = mobile.operators
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- helpers
