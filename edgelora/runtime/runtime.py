@@ -81,7 +81,8 @@ class Prediction:
 
 class Runtime:
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None, max_resident: int | None,
-                 provider: str | None, spinning: bool = True, unmerged: bool | None = None, slots: int = 2) -> None:
+                 provider: str | None, spinning: bool = True, unmerged: bool | None = None, slots: int = 2,
+                 engine_format: str | None = None) -> None:
         import onnxruntime as ort
 
         self._cond = threading.Condition()  # guards the state pointer and the slots' reader counts
@@ -92,9 +93,23 @@ class Runtime:
         self.threads = threads
         self.spinning = spinning
         self.provider = provider or manifest.target.provider
-        if self.provider not in ort.get_available_providers():
-            raise DeploymentError(f"{folder}: target {manifest.target.name} needs {self.provider}, which this "
-                                  f"onnxruntime lacks (has {', '.join(ort.get_available_providers())})")
+        available = ort.get_available_providers()
+        if self.provider not in available:
+            who = (f"provider {self.provider}" if provider
+                   else f"target {manifest.target.name} needs {self.provider}, which")
+            raise DeploymentError(f"{folder}: {who} is not in this onnxruntime {ort.__version__} (available: "
+                                  f"{', '.join(available)}); pass one of those, or install an onnxruntime build "
+                                  "with it")
+        self.engine_format = _engine_format(folder, manifest, engine_format)
+        self._provider_options: dict[str, str] = {}
+        self._session_config: dict[str, str] = {}
+        if self.engine_format == "ort":
+            mobile = manifest.mobile
+            assert mobile is not None  # _engine_format refuses "ort" without it
+            self._provider_options = next((dict(p.options) for p in mobile.providers if p.name == self.provider), {})
+            self._session_config["session.load_model_format"] = "ORT"
+            if mobile.optimization_style == "runtime":  # replay what the converter saved for the CPU's nodes
+                self._session_config["session.enable_saved_runtime_optimizations"] = "1"
         self.kind = manifest.base.io.kind
         self.io = manifest.base.io
         self.headless = manifest.base.headless
@@ -149,7 +164,7 @@ class Runtime:
     @classmethod
     def open(cls, path: str | os.PathLike[str], threads: int | None = None, max_resident: int | None = None,
              provider: str | None = None, spinning: bool = True, unmerged: bool | None = None, slots: int = 2,
-             verify: bool = False) -> Runtime:
+             verify: bool = False, engine_format: str | None = None) -> Runtime:
         """Open a deployment folder written by ``edgelora export``. ``threads``: ONNX Runtime intra-op threads
         (and swap workers, up to 4); ``max_resident``: LRU bound on tasks held in memory; ``provider``:
         override the target's execution provider; ``spinning=False``: engine threads never spin, not even
@@ -159,7 +174,10 @@ class Runtime:
         as measured; either way falls back to what the deployment has. ``slots`` (swap mode, ≥ 2): weight sets
         kept built; an app that names tasks per call (``run(task=...)``) can keep one per task to avoid
         rebuilds (each costs the LoRA targets' size: 7 MB on W1 fp32). ``verify``: also hash every engine
-        against the manifest (size and the small files are always checked).
+        against the manifest (size and the small files are always checked). ``engine_format``: ``"ort"`` runs
+        ONNX Runtime Mobile's ORT-format models of a mobile-* folder (the default there; ``provider`` may then
+        be a device provider the target lists, opened with its options), ``"onnx"`` the ONNX engines (the
+        default elsewhere).
 
         Raises :class:`DeploymentError` (one line, naming the file or field) for a folder that is incomplete,
         changed since export, malformed, or names paths outside itself."""
@@ -170,11 +188,18 @@ class Runtime:
         check_sizes(folder, manifest.files)
         if verify:
             verify_files(folder, manifest.files)
-        return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged, slots)
+        return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged, slots, engine_format)
 
     def _open(self, rel: str) -> Any:
+        if self.engine_format == "ort":
+            ort_rel = self.manifest.mobile.engines.get(rel)  # type: ignore[union-attr]
+            if ort_rel is None:
+                raise DeploymentError(f"{self.folder}: {rel} has no ORT-format model in this folder (mobile.engines); "
+                                      "open it with engine_format='onnx', or re-export with [mobile] lora_graph = true "
+                                      "for the LoRA-branch graph")
+            rel = ort_rel
         return open_session(self.folder, rel, self.provider, self.threads, self.spinning,
-                            self.manifest.files.get(rel))
+                            self.manifest.files.get(rel), self._provider_options, self._session_config)
 
     def _lora(self) -> Any:
         with self._cache_lock:
@@ -521,6 +546,18 @@ class Runtime:
         return {"mode": self.mode, "run_median_ms": float(np.median(run_ms)),
                 "activate_median_ms": float(np.median(act_ms)), "runs": runs, "swaps": swaps,
                 "threads": self.threads}
+
+
+def _engine_format(folder: Path, manifest: Manifest, asked: str | None) -> str:
+    """``"ort"`` (a mobile folder's ORT-format models) or ``"onnx"``; default: the folder's own kind."""
+    if asked is None:
+        return "ort" if manifest.mobile is not None else "onnx"
+    if asked not in ("onnx", "ort"):
+        raise InputError(f"engine_format = {asked!r}; choose 'onnx' or 'ort'")
+    if asked == "ort" and manifest.mobile is None:
+        raise DeploymentError(f"{folder}: no ORT-format models (target {manifest.target.name} has no [mobile]); "
+                              "export with a mobile-* target, or open it with engine_format='onnx'")
+    return asked
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

@@ -42,19 +42,25 @@ GRAPH_HASH_LIMIT = 16 << 20  # graphs whose weights sit in a .data file: their s
 
 
 def open_session(folder: Path, rel: str, provider: str, threads: int | None, spinning: bool = True,
-                 entry: FileEntry | None = None) -> Any:
+                 entry: FileEntry | None = None, provider_options: Mapping[str, str] | None = None,
+                 config: Mapping[str, str] | None = None) -> Any:
     """A session on ``folder/rel`` (a regular file inside the folder), or a one-line DeploymentError. A graph
     file of at most 16 MB (its weights in an external data file) is first checked against its manifest
     ``entry``: the graph names its data file, so a swapped graph cannot point ONNX Runtime elsewhere; the
-    data files are size-checked at open and hashed with ``verify``."""
+    data files are size-checked at open and hashed with ``verify``. ``provider_options``: the provider's
+    options (a device provider's, from the manifest); ``config``: session config entries (ORT-format models)."""
     import onnxruntime as ort
 
     path = locate(folder, rel, "engine")
     if entry is not None and entry.size <= GRAPH_HASH_LIMIT:
         read_bytes(folder, rel, "engine", entry)
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    options = session_options(threads, spinning)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    first: Any = (provider, dict(provider_options)) if provider_options else provider
+    providers = [provider] if provider == "CPUExecutionProvider" else [first, "CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), session_options(threads, spinning), providers=providers)
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for a file it cannot load
         raise DeploymentError(f"{folder / rel}: ONNX Runtime cannot load this engine ({_first_line(exc)}); it is "
                               f"corrupt or from another version: run `edgelora verify {folder}` or re-export") from None
