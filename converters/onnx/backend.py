@@ -9,6 +9,8 @@
 - ``patch_plan`` / ``bake_patched``: a task engine as the base engine with re-encoded patched weights
   (``patch``), seconds per task, where the plan says it reproduces the quantizer;
 - ``write_task_adapter``: a task as ONNX Runtime adapter parameters for ``base/lora.onnx``;
+- ``ort_models`` / ``ort_pair``: ONNX Runtime Mobile's ORT-format models and operator config (``mobile``),
+  and the sessions that check each ``.ort`` against its ``.onnx``;
 - ``session``: an ``InferenceSession`` to verify and time an engine.
 """
 
@@ -40,6 +42,7 @@ class EngineBuild:
     raw: Path
     spec: dict[str, Any]
     fused: bool
+    quantization: dict[str, Any] | None = None  # static int8: calibration and sensitivity report
 
 
 @dataclass
@@ -107,8 +110,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def build_engine(self, model: Any, task: str, headless: bool, target: Any, work: Path, stem: str,
-                     family: str) -> EngineBuild:
-        """torch -> fp32 ONNX -> fused -> (quantized)."""
+                     family: str, calibration: Any = None) -> EngineBuild:
+        """torch -> fp32 ONNX -> fused -> (quantized; static int8 calibrated on ``calibration``)."""
         from . import export, optimize, quantize
 
         raw = work / f"{stem}.raw.onnx"
@@ -123,7 +126,8 @@ class OnnxRuntimeBackend:
             final = work / f"{stem}.{target.precision}.onnx"
             # a classification head stays fp32: a few KB, and the runtime applies it in fp32 beside the base
             exclude = quantize.head_nodes(fp32) if task == "sequence-classification" else ()
-            quantize.quantize(fp32, final, target, exclude)
+            report = quantize.quantize(fp32, final, target, exclude, calibration)
+            return EngineBuild(final, fp32, raw, spec, fused, report)
         return EngineBuild(final, fp32, raw, spec, fused)
 
     def map_weights(self, build: EngineBuild, w0: Mapping[str, np.ndarray]
@@ -170,6 +174,12 @@ class OnnxRuntimeBackend:
         final = fp32
         if target.precision != "fp32":  # the branches read graph inputs, so they stay fp32
             final = build.raw.with_name(f"base.lora.{target.precision}.onnx")
+            if target.quantization.method == "static":
+                # its A, B inputs come at run time: no calibration covers them, so the branch graph (unmerged
+                # tasks, mixed batches) takes the same per-channel int8 weights with dynamic activations
+                from dataclasses import replace
+
+                target = replace(target, quantization=replace(target.quantization, method="dynamic"))
             quantize.quantize(fp32, final, target)
         graph = onnx.load(str(final))
         add_lora_defaults(graph)
@@ -228,8 +238,10 @@ class OnnxRuntimeBackend:
         if swap is None:
             return None, reason
         # W0 of the float32 weights is read where it already lies (the engine's data file); only the others
-        # (fp16, int8: their engine holds no fp32 W0) get a file of their own
-        sources = {n: _w0_source(out / SWAP_ENGINE, src) for n, src in swap.sources.items()}
+        # (fp16, int8: their engine holds no fp32 W0) get a file of their own. Mobile targets: all of them, as
+        # the phone ships the ORT-format swap graph, not the .onnx.data it would point into
+        mobile = getattr(target, "mobile", None) is not None
+        sources = {} if mobile else {n: _w0_source(out / SWAP_ENGINE, src) for n, src in swap.sources.items()}
         rest = {n: w for n, w in swap.w0.items() if n not in sources}
         if rest:
             save_float32_safetensors(rest, out / SWAP_W0, {"format": str(FORMAT_VERSION)})
@@ -287,6 +299,27 @@ class OnnxRuntimeBackend:
         fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()})
         path.parent.mkdir(parents=True, exist_ok=True)
         fmt.export_adapter(str(path))
+
+    def ort_models(self, out: Path, work: Path, engines: list[str], mobile: Any) -> Any:
+        """``mobile/*.ort`` for ``engines`` + ``mobile/required_operators.config`` (``mobile``)."""
+        from .mobile import convert
+
+        return convert(out, work, engines, mobile)
+
+    def ort_pair(self, onnx_path: Path, ort_path: Path, mobile: Any, options: Any, counterpart_options: Any
+                 ) -> tuple[Any, Any]:
+        """(session on the ``.onnx`` as the converter saw it, session on its ``.ort``) on the CPU: they compute
+        the same bytes."""
+        import onnxruntime as ort
+
+        from .mobile import counterpart_options as converter_options
+
+        cpu = ["CPUExecutionProvider"]
+        opts, disabled = converter_options(mobile, counterpart_options)
+        reference = ort.InferenceSession(str(onnx_path), opts, providers=cpu, disabled_optimizers=disabled)
+        if mobile.optimization_style == "runtime":
+            options.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
+        return reference, ort.InferenceSession(str(ort_path), options, providers=cpu)
 
     def session(self, path: Path, provider: str, options: Any) -> Any:
         import onnxruntime as ort

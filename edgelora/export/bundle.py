@@ -5,7 +5,8 @@ Runtime adapter file, the whole tokenizer folder and the report. A device needs 
 runtime's mode with its data (swap: ``base/swap.onnx``, whose fp32 weights and W0 live in the branch graph's
 data; decoders: the branch graph), the deltas, ``tokenizer.json`` + ``tokenizer_config.json``, and baked
 engines only for tasks that cannot be swapped (DoRA, LoRA bias). The branch graph comes along for mixed-task
-batches where it shares the swap engine's data (fp32: it costs its 0.1 MB graph) or when ``mixed`` asks.
+batches where it shares the swap engine's data (fp32: it costs its 0.1 MB graph) or when ``mixed`` asks. A
+mobile folder's bundle carries the ORT-format models (``mobile/*.ort``) in place of those engines.
 The bundle's manifest is the folder's, narrowed to those files (same typed writer, same schema), and every
 file is checked against the folder's manifest while it is copied. Written atomically.
 """
@@ -65,8 +66,12 @@ def plan_bundle(folder: Path, manifest: Manifest, mixed: bool | None = None) -> 
     if manifest.tokenizer is not None:
         need |= {f"{manifest.tokenizer}/{f}" for f in TOKENIZER_FILES if f"{manifest.tokenizer}/{f}" in manifest.files}
     files = sorted(need)
-    keep_swap = swap is not None and swap.engine in need
+    keep_swap = swap is not None and _engine_files(folder, manifest, swap.engine) <= need
+    mobile = manifest.mobile
+    if mobile is not None:  # the .ort models it carries; the operator config is for building ONNX Runtime
+        mobile = replace(mobile, engines={e: o for e, o in mobile.engines.items() if o in need}, operators=None)
     bundled = replace(manifest, lora_graph=lora if keep_lora else None, swap=swap if keep_swap else None,
+                      mobile=mobile,
                       swap_unavailable=manifest.swap_unavailable if keep_swap or swap is None
                       else "not in the device bundle (decoders run tasks as LoRA branches)",
                       tasks=tasks, files={f: manifest.files[f] for f in files})
@@ -77,8 +82,12 @@ _KNOWN_HEAD = {"classifier.weight", "classifier.bias", "score.weight", "score.bi
 
 
 def _engine_files(folder: Path, manifest: Manifest, engine: str) -> set[str]:
-    """An ONNX engine and the external data files it names (each listed in the manifest)."""
+    """An ONNX engine and the external data files it names (each listed in the manifest); in a mobile folder,
+    the engine's ORT-format model instead where it has one (what the runtime opens there, weights inside)."""
     import onnx
+
+    if manifest.mobile is not None and engine in manifest.mobile.engines:
+        return {manifest.mobile.engines[engine]}
 
     model = onnx.load(str(folder / engine), load_external_data=False)
     base = Path(engine).parent

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..format.manifest import LoraGraph, SwapSpec, TaskEntry
+from ..format.manifest import LoraGraph, MobileSpec, SwapSpec, TaskEntry
 from ..lora import DeltaModule
 from ..prepare import Prepared
 from ..target import Target
@@ -80,6 +80,8 @@ class ExportContext:
     work: Path | None = None  # scratch inside it
     base_result: BaseResult | None = None
     tasks: dict[str, TaskResult] = field(default_factory=dict)
+    mobile: MobileSpec | None = None  # the ORT-format models (mobile-* targets)
+    mobile_report: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)

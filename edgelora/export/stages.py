@@ -6,7 +6,8 @@
 2. :func:`task_stage`  — once per task × target: step 6 (delta, branch check, baked engine, its checks) over the
    base stage's files. Writes the task's files and its state (report row, manifest entry, reference logits).
 3. :func:`assemble`    — once per target: the base's and the tasks' files into one deployment folder, then
-   steps 7–9 (manifest, the on-device runtime against every baked engine, report).
+   steps 7–10 (mobile targets' ORT-format models, manifest, the on-device runtime against every baked engine,
+   report).
 
 Each stage runs the same step functions as ``export()`` over an :class:`ExportContext` rebuilt from the previous
 stage's state, so a folder assembled from cells holds the same bytes as one ``edgelora export`` of the same
@@ -38,6 +39,7 @@ from .steps import (
     build_runtime_graphs,
     check_request,
     check_runtime,
+    convert_mobile,
     export_tasks,
     plan_baking,
     read_adapters,
@@ -213,8 +215,8 @@ def assemble(base_dir: Path, task_dirs: Mapping[str, Path], target: Target, outp
     ctx = _context(state["base_path"], {}, target, output, {}, threads, 0, progress)
     _restore_ctx(ctx, state)
     ctx.failures = list(state["failures"])
-    with atomic_output_dir(output, force=True) as out, scratch_dir(out):
-        ctx.out = out
+    with atomic_output_dir(output, force=True) as out, scratch_dir(out) as work:
+        ctx.out, ctx.work = out, work
         _copy_tree(base_dir / "base", out / "base")
         ctx.base_result = _base_result(ctx, base_dir, out, state, plan_patches=False)
         for name, task_dir in task_dirs.items():
@@ -229,6 +231,6 @@ def assemble(base_dir: Path, task_dirs: Mapping[str, Path], target: Target, outp
                            entry=parse_section("task", record["entry"], str(task_dir / TASK_STATE), name))
             ctx.tasks[name] = t
             ctx.failures += record["failures"]
-        for step in (write_manifest, check_runtime, write_report):
+        for step in (convert_mobile, write_manifest, check_runtime, write_report):
             step(ctx)
     return ctx.report

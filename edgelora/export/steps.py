@@ -7,9 +7,12 @@
 5. :func:`plan_baking`     whether task engines can be baked by patching the base engine (seconds) or must
                            be re-exported from the merged model (the fallback, with its reason in the report)
 6. :func:`export_tasks`    per task: delta (+ ONNX Runtime adapter), branch check, baked engine, its checks
-7. :func:`write_manifest`  tokenizer, manifest with the size and sha256 of every file
-8. :func:`check_runtime`   the on-device runtime on this folder vs each baked engine
-9. :func:`write_report`    report.json / report.md
+7. :func:`convert_mobile`  mobile-* targets: the engines as ONNX Runtime Mobile ORT-format models + the operator
+                           config of a minimal build, each ``.ort`` checked against its ``.onnx`` bit for bit
+8. :func:`write_manifest`  tokenizer, manifest with the size and sha256 of every file
+9. :func:`check_runtime`   the on-device runtime on this folder vs each baked engine (mobile: on the .ort models,
+                           and equal to the runtime on the .onnx ones)
+10. :func:`write_report`   report.json / report.md
 
 The engine work is the backend's (``ctx.backend``, chosen by the target's ``backend`` from the registry in
 ``edgelora.converters``); the steps hold the checks against PyTorch, which are the same for every backend.
@@ -45,8 +48,10 @@ from ..format.manifest import (
     FORMAT_VERSION,
     TASK_NAME,
     BaseInfo,
+    DeviceProviderSpec,
     EngineIO,
     Manifest,
+    MobileSpec,
     ModuleInfo,
     TargetInfo,
     TaskEntry,
@@ -260,6 +265,80 @@ def _verify_baked(ctx: ExportContext, task: TaskResult) -> None:
         ctx.failures.append(f"{task.name}: {'; '.join(miss)}")
 
 
+# ---------------------------------------------------------------------------------------------- the phone
+def convert_mobile(ctx: ExportContext) -> None:
+    """ONNX Runtime Mobile (a target with ``[mobile]``): ``mobile/*.ort`` for the engines the runtime and an app
+    run — the base engine, the swap graph, the baked task engines, and the branch graph where the runtime runs
+    tasks on it (decoders, no swap graph) or ``[mobile] lora_graph`` asks — and ``required_operators.config``,
+    written by ONNX Runtime's converter. Each ``.ort`` must compute what its ``.onnx`` computes, bit for bit."""
+    mobile = ctx.target.mobile
+    if mobile is None:
+        return
+    base = _base(ctx)
+    engines = [base.engine, *([base.swap.engine] if base.swap else [])]
+    if base.branches is not None and (mobile.lora_graph or base.swap is None or ctx.task == "causal-lm"):
+        engines.append(base.branches.engine)
+    engines += [t.engine for t in ctx.tasks.values() if t.engine]
+    ctx.step(f"ONNX Runtime Mobile: {len(engines)} ORT-format models")
+    assert ctx.work is not None
+    models = ctx.backend.ort_models(ctx.out, ctx.work, engines, mobile)
+    rows = {}
+    for rel, ort_rel in models.engines.items():
+        ctx.step(f"ONNX Runtime Mobile: {ort_rel} vs {rel}")
+        diff = _ort_parity(ctx, ctx.out / rel, ctx.out / ort_rel)
+        rows[rel] = {"ort": ort_rel, "onnx_bytes": engine_size(ctx.out / rel),
+                     "ort_bytes": (ctx.out / ort_rel).stat().st_size, "max_abs_diff": diff}
+        if diff != 0.0:
+            ctx.failures.append(f"{ort_rel}: max |Δ| {diff:.3g} vs {rel} (an ORT-format model must compute "
+                                "what its ONNX model computes)")
+    ctx.mobile = MobileSpec(models.engines, models.operators, models.onnxruntime, mobile.optimization_level,
+                            mobile.optimization_style, mobile.target_platform,
+                            tuple(DeviceProviderSpec(p.name, p.options.provider_options())
+                                  for p in ctx.target.providers))
+    ctx.mobile_report = {"engines": rows, "operators": models.operators, "onnxruntime": models.onnxruntime}
+
+
+def _ort_parity(ctx: ExportContext, onnx_path: Path, ort_path: Path) -> float:
+    """max |Δ| over every output of the ``.ort`` vs its ``.onnx`` (opened as the converter saw it) on the same
+    feeds: the fixed inputs, an empty KV cache, and seeded values for inputs such as the swap graph's weights."""
+    from ..runtime.sessions import session_options
+
+    reference, model = ctx.backend.ort_pair(onnx_path, ort_path, ctx.target.mobile, session_options(ctx.threads),
+                                            session_options(ctx.threads))
+    feeds = _any_feeds(ctx, reference)
+    diffs = [float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
+             for a, b in zip(reference.run(None, feeds), model.run(None, feeds), strict=True)]
+    return max(diffs, default=0.0)
+
+
+def _any_feeds(ctx: ExportContext, sess: Any) -> dict[str, np.ndarray]:
+    """Feeds for any engine of the folder: the runtime check's inputs, an empty KV cache, seeded values of the
+    right type for other inputs of static shape (fed weights, int8 weights and their scales); inputs of dynamic
+    shape beyond those (the branch graph's A, B, mask) keep their defaults."""
+    base = _runtime_inputs(ctx)
+    rows = base["input_ids"].shape[0]
+    io = _base(ctx).build.spec
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for i in sess.get_inputs():
+        static = all(isinstance(d, int) for d in i.shape)
+        if i.name in base:
+            feeds[i.name] = base[i.name]
+        elif i.name == "token_type_ids":
+            feeds[i.name] = np.zeros_like(base["input_ids"])
+        elif i.name.startswith("past_key_values."):
+            dtype = np.float16 if "float16" in i.type else np.float32
+            feeds[i.name] = np.zeros((rows, io["num_kv_heads"], 0, io["head_dim"]), dtype)
+        elif static and i.type == "tensor(int8)":
+            feeds[i.name] = rng.integers(-127, 128, i.shape).astype(np.int8)
+        elif static and i.type in ("tensor(float)", "tensor(float16)"):
+            scale = 1e-3 if i.name.endswith("_scale") else 0.05
+            value = np.abs(rng.standard_normal(i.shape)) * scale if i.name.endswith("_scale") else \
+                rng.standard_normal(i.shape) * scale
+            feeds[i.name] = value.astype(np.float16 if "16" in i.type else np.float32)
+    return feeds
+
+
 # ---------------------------------------------------------------------------------------------- the folder
 def write_manifest(ctx: ExportContext) -> None:
     ctx.step("writing manifest and report")
@@ -281,7 +360,7 @@ def write_manifest(ctx: ExportContext) -> None:
         tokenizer=TOKENIZER_DIR if any((out / TOKENIZER_DIR).iterdir()) else None,
         name_map=base.locations, name_map_graph="fused fp32" if base.build.fused else "fp32",
         lora_graph=base.branches, swap=base.swap,
-        swap_unavailable=base.swap_reason,
+        swap_unavailable=base.swap_reason, mobile=ctx.mobile,
         tasks={name: t.entry for name, t in ctx.tasks.items() if t.entry is not None},
         # size and sha256 of every file the folder holds, reports (written after) excepted: the runtime
         # checks what it reads against them, `edgelora verify` checks all of them
@@ -303,17 +382,27 @@ def check_runtime(ctx: ExportContext) -> None:
     from ..runtime import Runtime
 
     rt = Runtime.open(ctx.out, threads=ctx.threads, provider=ctx.target.provider)
+    # a mobile folder's runtime runs the .ort models; the one on the .onnx models must compute the same bytes
+    onnx_rt = Runtime.open(ctx.out, threads=ctx.threads, provider=ctx.target.provider, engine_format="onnx") \
+        if rt.engine_format == "ort" else None
     inputs = _runtime_inputs(ctx)
     for name, task in ctx.tasks.items():
         ref = task.runtime_reference
         if ref is None or task.not_swappable is not None:
             continue
         rt.activate(name)
-        diff = float(np.abs(rt.run(**inputs)["logits"] - ref).max())
+        logits = rt.run(**inputs)["logits"]
+        diff = float(np.abs(logits - ref).max())
         task.report["runtime_max_abs_diff"] = diff
         if base.swap is not None and diff > ctx.target.tolerance.max_abs_diff:
             ctx.failures.append(f"{name} (runtime swap): max |Δ| {diff:.3g} vs the baked engine > "
                                 f"{ctx.target.tolerance.max_abs_diff:g}")
+        if onnx_rt is not None:
+            ort_diff = float(np.abs(logits - onnx_rt.run(task=name, **inputs)["logits"]).max())
+            task.report["runtime_ort_vs_onnx_max_abs_diff"] = ort_diff
+            if ort_diff != 0.0:
+                ctx.failures.append(f"{name} (runtime on the .ort models): max |Δ| {ort_diff:.3g} vs the runtime on "
+                                    "the .onnx models (must be equal)")
 
 
 def write_report(ctx: ExportContext) -> None:
@@ -328,6 +417,7 @@ def write_report(ctx: ExportContext) -> None:
         "tasks": {name: t.report for name, t in ctx.tasks.items()},
         "bake": {"patched": base.patch is not None, "reason": base.patch_reason},
         "device_bundle": _bundle_size(ctx),
+        **({"mobile": ctx.mobile_report} if ctx.mobile_report else {}),
         "export_seconds": round(time.perf_counter() - ctx.started, 1),
         "machine": {"threads": ctx.threads, "cpu": platform.processor() or platform.machine()},
         "failures": ctx.failures,
@@ -336,8 +426,8 @@ def write_report(ctx: ExportContext) -> None:
     (ctx.out / REPORT_MD).write_text(report_markdown(ctx.report), encoding="utf-8")
 
 
-BUILD_STEPS = (build_base, build_runtime_graphs, plan_baking, export_tasks, write_manifest, check_runtime,
-               write_report)
+BUILD_STEPS = (build_base, build_runtime_graphs, plan_baking, export_tasks, convert_mobile, write_manifest,
+               check_runtime, write_report)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
