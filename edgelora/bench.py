@@ -115,8 +115,9 @@ def _peft_fn(manifest: dict[str, Any], name: str, threads: int, feeds: dict[str,
     return fwd
 
 
-def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int = 10, peft: bool = True
-          ) -> dict[str, Any]:
+def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int = 10, peft: bool = True,
+          beside: str | Path | None = None) -> dict[str, Any]:
+    """``beside``: for an ExecuTorch folder, a cpu-fp32 ONNX Runtime folder of the same adapters, timed with it."""
     import numpy as np
 
     from .format.files import check_sizes
@@ -127,6 +128,12 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         raise EdgeloraError(f"{folder} has no manifest.json; pass a folder written by edgelora export")
+    from .converters.executorch.layout import is_executorch
+
+    if is_executorch(read_manifest(folder)):
+        return bench_executorch(folder, threads, rounds, per_round, peft, beside)
+    if beside is not None:
+        raise EdgeloraError(f"--beside is for an ExecuTorch folder; {folder} is ONNX Runtime's: bench it alone")
     check_sizes(folder, read_checked(folder).files)  # the paths below are the checked manifest's, inside the folder
     manifest = read_manifest(folder)
     target = manifest["target"]
@@ -266,6 +273,11 @@ def _peft_switch(manifest: dict[str, Any], names: list[str], threads: int, runs:
 def bench_table(result: dict[str, Any]) -> str:
     from .latency import cpu_line
 
+    if result.get("backend") == "executorch":
+        from .converters.executorch.bench import table
+
+        return table(result, cpu_line())
+
     lines = [f"{result['folder']}: {result['target']}, {result['shape']}, {result['threads']} threads, "
              "interleaved runs, medians", cpu_line()]
     width = max(len(k) for k in result["engines"])
@@ -292,3 +304,114 @@ def bench_table(result: dict[str, Any]) -> str:
             lines.append(f"  PEFT unmerge + merge in PyTorch: {sw['peft_switch_median_ms']:.1f} ms "
                          f"({sw['peft_vs_activate']:.1f}x activate)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- ExecuTorch folders
+def _beside_folder(beside: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``--beside`` folder's raw manifest, checked to hold ONNX Runtime fp32 engines of the same tasks."""
+    from .converters.executorch.layout import is_executorch
+    from .format.files import check_sizes
+    from .format.manifest import read_manifest as read_checked
+
+    if not (beside / "manifest.json").is_file():
+        raise EdgeloraError(f"--beside {beside} has no manifest.json; pass a cpu-fp32 folder (edgelora export "
+                            "--target cpu-fp32) of the same adapters")
+    if is_executorch(read_manifest(beside)):
+        raise EdgeloraError(f"--beside {beside} is an ExecuTorch folder; pass a cpu-fp32 folder (edgelora export "
+                            "--target cpu-fp32) of the same adapters")
+    check_sizes(beside, read_checked(beside).files)
+    ort = read_manifest(beside)
+    t = ort["target"]
+    if t["precision"] != "fp32" or t["provider"] != "CPUExecutionProvider":
+        raise EdgeloraError(f"--beside {beside} is {t['name']} ({t['precision']}, {t['provider']}); pass a cpu-fp32 "
+                            "folder (ONNX Runtime fp32 on the CPU) of the same adapters")
+    if ort["base"]["fingerprint"] != manifest["base"]["fingerprint"]:
+        raise EdgeloraError(f"--beside {beside} was exported over another base; export cpu-fp32 over the same one")
+    for name, task in manifest["tasks"].items():
+        other = ort["tasks"].get(name)
+        if other is None or not other.get("engine") or other.get("adapter_hash") != task.get("adapter_hash"):
+            raise EdgeloraError(f"--beside {beside} has no baked engine of task {name} from the same adapter; "
+                                "export cpu-fp32 with the same adapters")
+    return ort
+
+
+def bench_executorch(folder: Path, threads: int, rounds: int, per_round: int, peft: bool,
+                     beside: str | Path | None) -> dict[str, Any]:
+    """An ExecuTorch folder (``converters/executorch/``): per task its merged program and the branch program fed
+    its delta, interleaved on the same inputs with ONNX Runtime's fp32 engine of the task from ``beside``;
+    each form's task file, max |Δ| against PyTorch (PEFT unmerged; ``peft``), the export's and ONNX Runtime's;
+    task switch times of both runtimes."""
+    import numpy as np
+
+    from .converters.executorch import bench as et
+    from .converters.executorch.runner import unavailable
+    from .latency import cpu_info
+    from .verify import fixed_inputs, session
+
+    why = unavailable()
+    if why is not None:
+        raise EdgeloraError(f"{folder} is an ExecuTorch folder; {why}")
+    manifest = read_manifest(folder)
+    beside = Path(beside) if beside is not None else None
+    ort = _beside_folder(beside, manifest) if beside is not None else None
+    progs = et.open_programs(folder, manifest, threads)
+    batch, seq = progs.shape
+    feeds = fixed_inputs(int(manifest["base"]["vocab_size"]), batch, seq, seed=7)
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    fns: dict[str, Callable[[], Any]] = {}
+    exported, rows = et.export_parity(folder), {}
+    for name, forms in et.calls(progs, ids, mask).items():
+        got = et.logits(progs, name, ids, mask)
+        diff: dict[str, dict[str, float]] = {"vs_pytorch": {}, "export": exported.get(name, {}), "vs_ort": {}}
+        size: dict[str, int] = {}
+        for form, fn in forms.items():
+            fns[f"{name}: ET {form}"] = fn
+        if ort is not None:
+            engine = beside / ort["tasks"][name]["engine"]
+            sess = session(engine, "CPUExecutionProvider", threads)
+            ort_feeds = {i.name: feeds.get(i.name, np.zeros_like(ids)) for i in sess.get_inputs()}
+            fns[f"{name}: ORT fp32"] = (lambda s=sess, f=ort_feeds: s.run(None, f))
+            ref = sess.run(["logits"], ort_feeds)[0]
+            diff["vs_ort"] = {form: float(np.abs(out - ref).max()) for form, out in got.items()}
+            size["ort_engine"] = ort["files"][ort["tasks"][name]["engine"]]["size"]  # its own file
+            size["ort_delta"] = ort["files"][ort["tasks"][name]["delta"]]["size"]
+        model = _peft_torch(manifest, name, threads) if peft else None
+        if model is not None:
+            import torch
+
+            with torch.no_grad():
+                ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+            diff["vs_pytorch"] = {form: float(np.abs(out - ref).max()) for form, out in got.items()}
+        rows[name] = {"max_abs_diff": diff, "bytes": size}
+    times = interleaved(fns, rounds, per_round)
+    sizes = et.file_sizes(progs)
+    for name, row in rows.items():
+        row["latency_ms"] = {f"et_{form}": times[f"{name}: ET {form}"]["median_ms"] for form in et.FORMS}
+        if ort is not None:
+            row["latency_ms"]["ort_fp32"] = times[f"{name}: ORT fp32"]["median_ms"]
+        t = sizes["tasks"][name]
+        row["bytes"] |= {"et_merged_pte": t["merged_pte"], "et_delta": t["delta"]}
+    sw = et.switch(progs, runs=max(6, 2 * rounds))
+    switch: dict[str, Any] = {"et_load_merged_program": sw["load_merged_program_ms"],
+                              "et_feed_branches": sw["feed_branches_ms"]}
+    if ort is not None:
+        from .runtime import Runtime
+
+        rt = Runtime.open(beside, threads=threads)
+        ort_sw = swap_times(beside, ort, rt, threads, peft=False, rounds=max(rounds, 3))
+        switch |= {"ort_runtime_activate": ort_sw.get("activate_median_ms"),
+                   "ort_fresh_session": ort_sw.get("open_session_median_ms")}
+    return {"folder": str(folder), "target": manifest["target"]["name"], "backend": "executorch",
+            "executorch": et.version(), "threads": threads, "shape": f"batch {batch} × {seq} tokens",
+            "beside": str(beside) if beside is not None else None,
+            "bytes": {"base_ptd": sizes["base_ptd"], "branch_pte": sizes["branch_pte"]}, "tasks": rows,
+            "switch_ms": switch, "cpu": cpu_info()}
+
+
+def _peft_torch(manifest: dict[str, Any], name: str, threads: int) -> Any:
+    """PEFT's unmerged model of one task in PyTorch, or None where it cannot be built here (a moved adapter,
+    a base this edgelora cannot resolve by the manifest's name)."""
+    try:
+        return _peft_unmerged(manifest, name, threads)
+    except (EdgeloraError, OSError, ValueError):
+        return None

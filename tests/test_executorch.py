@@ -129,3 +129,70 @@ def test_a_request_it_cannot_serve_is_one_line_and_leaves_nothing(tiny_dir, tmp_
               "--adapter", f"pos={adapters['pos']}", "--eval", f"pos={evals}")
     assert res.code == 2 and len(res.err.strip().splitlines()) == 1 and "--eval is not supported" in res.err
     assert tree(tmp_path / "o") == []
+
+
+@pytest.fixture(scope="module")
+def beside(deployment, tmp_path_factory):
+    """cpu-fp32 (ONNX Runtime) over the same tiny base and adapters: what `edgelora bench --beside` times."""
+    from edgelora.export import export
+    from edgelora.target import load_target
+
+    base, adapters, _ = deployment
+    out = tmp_path_factory.mktemp("ort") / "cpu-fp32"
+    export(base, adapters, load_target("cpu-fp32"), out, threads=1, latency_runs=3)
+    return out
+
+
+def test_bench_times_both_forms_beside_onnx_runtime(deployment, beside, cli):
+    """`edgelora bench DIR --beside CPU_FP32`: per task both ExecuTorch forms and ONNX Runtime's fp32 engine on
+    the same inputs, each form's file, parity against PEFT in PyTorch and ONNX Runtime, switch times, the CPU."""
+    _, adapters, out = deployment
+    res = cli("bench", out, "--beside", beside, "--rounds", "1", "--threads", "1", "--json")
+    assert res.code == 0, res.err
+    r = json.loads(res.out)
+    assert r["backend"] == "executorch" and r["target"] == "executorch-xnnpack" and r["beside"] == str(beside)
+    assert r["cpu"]["model"] and isinstance(r["cpu"]["flags"], list) and r["shape"] == "batch 1 × 128 tokens"
+    ptd = (out / "base.ptd").stat().st_size
+    assert r["bytes"] == {"base_ptd": ptd, "branch_pte": (out / "lora.pte").stat().st_size}
+    assert set(r["tasks"]) == set(adapters)
+    for name, t in r["tasks"].items():
+        lat = t["latency_ms"]
+        assert set(lat) == {"et_merged", "et_branches", "ort_fp32"}
+        assert all(0 < v < 10_000 for v in lat.values()), lat
+        b = t["bytes"]
+        assert b["et_merged_pte"] == (out / f"tasks/{name}/merged.pte").stat().st_size
+        assert b["et_delta"] == (out / f"tasks/{name}/delta.safetensors").stat().st_size
+        assert b["et_delta"] < b["et_merged_pte"] < ptd and b["ort_engine"] > 0 and b["ort_delta"] > 0
+        for kind in ("vs_pytorch", "export", "vs_ort"):  # PEFT unmerged live, PEFT merged at export, ORT fp32
+            assert set(t["max_abs_diff"][kind]) == {"merged", "branches"}, kind
+            assert all(0 <= v <= 1e-4 for v in t["max_abs_diff"][kind].values()), (kind, t["max_abs_diff"])
+    sw = r["switch_ms"]
+    assert set(sw) == {"et_load_merged_program", "et_feed_branches", "ort_runtime_activate", "ort_fresh_session"}
+    assert all(0 < v < 60_000 for v in sw.values()), sw
+
+    text = cli("bench", out, "--beside", beside, "--rounds", "1", "--threads", "1", "--no-peft")
+    assert text.code == 0, text.err
+    lines = text.out.splitlines()
+    assert lines[1].startswith("CPU: ") and "flags:" in lines[1]
+    for name in adapters:
+        rows = [ln for ln in lines if ln.startswith(name)]
+        assert [e for e in ("ORT fp32 baked engine", "ET merged .pte", "ET branches") if any(e in x for x in rows)] \
+            == ["ORT fp32 baked engine", "ET merged .pte", "ET branches"], rows
+    assert "ET load merged program over base.ptd" in text.out and "ORT runtime activate" in text.out
+
+
+def test_bench_alone_and_its_one_line_refusals(deployment, beside, cli):
+    """Without --beside: the ExecuTorch rows only. --beside on an ONNX Runtime folder, or naming a folder that
+    is not cpu-fp32: one line, exit 2."""
+    _, adapters, out = deployment
+    res = cli("bench", out, "--rounds", "1", "--threads", "1", "--no-peft", "--json")
+    assert res.code == 0, res.err
+    r = json.loads(res.out)
+    assert r["beside"] is None and set(r["switch_ms"]) == {"et_load_merged_program", "et_feed_branches"}
+    for t in r["tasks"].values():
+        assert set(t["latency_ms"]) == {"et_merged", "et_branches"} and t["max_abs_diff"]["vs_pytorch"] == {}
+        assert set(t["bytes"]) == {"et_merged_pte", "et_delta"}
+    for args, says in [((beside, "--beside", out), "--beside is for an ExecuTorch folder"),
+                       ((out, "--beside", out), "is an ExecuTorch folder; pass a cpu-fp32 folder")]:
+        bad = cli("bench", *args, "--rounds", "1", "--no-peft")
+        assert bad.code == 2 and len(bad.err.strip().splitlines()) == 1 and says in bad.err, bad.err

@@ -10,13 +10,21 @@ install and the export stops before anything is written.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import runner
 
+if TYPE_CHECKING:
+    from .export import State
+
 
 class ExecuTorchBackend:
+    """One instance per export (``edgelora.converters.get_backend``): it owns what the steps build."""
+
     name = "executorch"
+
+    def __init__(self) -> None:
+        self.state: State | None = None  # set by export.build_programs, read by the later steps
 
     def unavailable(self) -> str | None:
         return runner.unavailable()

@@ -22,6 +22,8 @@ import copy
 import shutil
 import statistics
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +33,52 @@ import torch
 from edgelora.errors import EdgeloraError
 from edgelora.format.delta import read_delta, write_delta
 from edgelora.format.files import file_table
-from edgelora.format.layout import REPORT_JSON, REPORT_MD, TOKENIZER_DIR, delta_path, task_dir, write_json
+from edgelora.format.layout import REPORT_JSON, REPORT_MD, TOKENIZER_DIR, delta_path, write_json
 from edgelora.lora import LAYOUTS, DeltaModule
 
 from . import program, runner
+from .layout import BASE_DATA, BRANCH_PROGRAM, FORMAT, FORMAT_VERSION, MANIFEST, merged_program_path
 
-BASE_DATA = "base.ptd"
-BRANCH_PROGRAM = "lora.pte"
-MANIFEST = "manifest.json"
-FORMAT = "edgelora-executorch"
-FORMAT_VERSION = 1
+__all__ = ["BASE_DATA", "BRANCH_PROGRAM", "FORMAT", "FORMAT_VERSION", "MANIFEST", "STEPS", "State", "TaskState",
+           "branch_feeds", "merged_program_path", "switch_times"]
+
 SWITCHES = 6  # timed loads / feeds per switch measurement
 
 
-def merged_program_path(name: str) -> str:
-    return f"{task_dir(name)}/merged.pte"
+# ------------------------------------------------------------------------------------------------ the state
+@dataclass
+class TaskState:
+    """One task as the steps build it: its files, its loaded merged program and branch feeds, its numbers."""
+
+    labels: int  # the task's own label count (the branch program's logits are cut to it)
+    program: str  # tasks/NAME/merged.pte, inside the folder
+    delta: str  # tasks/NAME/delta.safetensors
+    method: Any = None  # the merged program's loaded forward (verify)
+    feeds: list[torch.Tensor] = field(default_factory=list)  # the branch program's extra inputs (verify)
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)  # form -> worst parity vs PEFT
+    latency_ms: dict[str, float] = field(default_factory=dict)  # form -> median ms
+
+
+@dataclass
+class State:
+    """What this backend's steps build (``ctx.backend.state``; the context's ``base_result`` and ``tasks`` are
+    the ONNX steps' and stay empty here)."""
+
+    order: list[str]  # the branch program's LoRA modules, in feed order
+    ranks: dict[str, int]  # module -> the program's rank (the most any task has)
+    labels: int  # the branch program's label count (the most any task has)
+    head: str  # the head module fed as inputs
+    branch: Any = None  # the branch program's loaded forward (verify)
+    tasks: dict[str, TaskState] = field(default_factory=dict)
+    switch: dict[str, float] = field(default_factory=dict)  # task switch medians (measure)
+
+
+def state(ctx: Any) -> State:
+    """The export's state, owned by its backend instance (one per export)."""
+    st = getattr(ctx.backend, "state", None)
+    if not isinstance(st, State):
+        raise RuntimeError("the executorch steps run in order: build_programs first")
+    return st
 
 
 # ------------------------------------------------------------------------------------------------ 1. the request
@@ -133,7 +166,7 @@ def build_programs(ctx: Any) -> None:
     if not (ctx.out / BASE_DATA).is_file():
         raise EdgeloraError(f"executorch wrote no {BASE_DATA} for the branch program; this executorch cannot keep "
                             "weights outside the program (needs executorch ≥ 1.5)")
-    ctx.base_result = {"order": order, "ranks": ranks, "labels": labels, "head": head_name}
+    st = ctx.backend.state = State(order, ranks, labels, head_name)
     for name, prep in ctx.prepared.items():
         ctx.step(f"lowering the merged program of {name}")
         merged = copy.deepcopy(prep.model)
@@ -156,8 +189,7 @@ def build_programs(ctx: Any) -> None:
         task_labels = prep.head.labels if prep.head.labels else None
         write_delta(ctx.out / delta_path(name), _modules(prep), head, ctx.base_fingerprint,
                     list(task_labels) if task_labels else None)
-        ctx.tasks[name] = {"labels": int(head["weight"].shape[0]), "program": merged_program_path(name),
-                           "delta": delta_path(name)}
+        st.tasks[name] = TaskState(int(head["weight"].shape[0]), merged_program_path(name), delta_path(name))
 
 
 # ------------------------------------------------------------------------------------------------ 3. parity
@@ -205,26 +237,24 @@ def _load(ctx: Any, pte: str) -> Any:
 
 def verify(ctx: Any) -> None:
     runner.set_threads(ctx.threads)
-    info = ctx.base_result
-    branch = _load(ctx, BRANCH_PROGRAM)
-    info["methods"] = {"branches": branch}
-    for name, task in ctx.tasks.items():
+    st = state(ctx)
+    branch = st.branch = _load(ctx, BRANCH_PROGRAM)
+    for name, task in st.tasks.items():
         ctx.step(f"verifying {name} against PEFT in PyTorch")
-        merged = _load(ctx, task["program"])
-        modules, head = read_delta(ctx.out / task["delta"])
-        task["feeds"] = branch_feeds(modules, info["order"], info["ranks"], head, info["labels"])
-        task["method"] = merged
-        checks = {"merged": None, "branches": None}
+        merged = task.method = _load(ctx, task.program)
+        modules, head = read_delta(ctx.out / task.delta)
+        task.feeds = branch_feeds(modules, st.order, st.ranks, head, st.labels)
+        checks: dict[str, dict[str, float] | None] = {"merged": None, "branches": None}
         for half in (False, True):
             inputs = _inputs(ctx, half_padded=half)
             ref = _reference(ctx, name, inputs)
             got = {"merged": runner.run(merged, inputs),
-                   "branches": runner.run(branch, [*inputs, *task["feeds"]])[..., :task["labels"]]}
+                   "branches": runner.run(branch, [*inputs, *task.feeds])[..., :task.labels]}
             for form, out in got.items():
-                p = _parity(out, ref)
-                checks[form] = p if checks[form] is None else _worst(checks[form], p)
-        task["parity"] = checks
-        for form, p in checks.items():
+                p, prev = _parity(out, ref), checks[form]
+                checks[form] = p if prev is None else _worst(prev, p)
+        task.parity = {form: p for form, p in checks.items() if p is not None}
+        for form, p in task.parity.items():
             miss = _misses(p, ctx.target.tolerance)
             if miss:
                 ctx.failures.append(f"{name} ({form}): {'; '.join(miss)}")
@@ -246,20 +276,20 @@ def _interleaved(fns: dict[str, Any], runs: int, rounds: int = 5, warmup: int = 
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def switch_times(folder: Path, tasks: dict[str, Any], order: list[str], ranks: dict[str, int], labels: int,
-                 runs: int = SWITCHES) -> dict[str, float]:
-    """Median ms of a task switch in each form, alternating tasks: loading the task's merged program against
-    the shared base.ptd (XNNPACK packs its weights then), and reading the task's delta file into the branch
-    program's feeds (the program stays loaded)."""
+def switch_times(folder: Path, tasks: Mapping[str, tuple[str, str]], order: list[str], ranks: dict[str, int],
+                 labels: int, runs: int = SWITCHES) -> dict[str, float]:
+    """Median ms of a task switch in each form, alternating tasks (name -> (merged program, delta) inside
+    ``folder``): loading the task's merged program against the shared base.ptd (XNNPACK packs its weights
+    then), and reading the task's delta file into the branch program's feeds (the program stays loaded)."""
     names = list(tasks) if len(tasks) > 1 else [*tasks, *tasks]
     load, feed = [], []
     for i in range(runs):
-        task = tasks[names[i % len(names)]]
+        pte, delta = tasks[names[i % len(names)]]
         t0 = time.perf_counter()
-        runner.load(folder / task["program"], folder / BASE_DATA)
+        runner.load(folder / pte, folder / BASE_DATA)
         load.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        modules, head = read_delta(folder / task["delta"])
+        modules, head = read_delta(folder / delta)
         branch_feeds(modules, order, ranks, head, labels)
         feed.append(time.perf_counter() - t0)
     return {"load_merged_program_ms": statistics.median(load) * 1e3,
@@ -268,17 +298,17 @@ def switch_times(folder: Path, tasks: dict[str, Any], order: list[str], ranks: d
 
 def measure(ctx: Any) -> None:
     ctx.step("timing both forms and task switches")
-    info = ctx.base_result
+    st = state(ctx)
     inputs = [torch.from_numpy(x) for x in _inputs(ctx)]
-    branch = info["methods"]["branches"]
     fns = {}
-    for name, task in ctx.tasks.items():
-        fns[f"{name} merged"] = (lambda m=task["method"]: runner.call(m, inputs))
-        fns[f"{name} branches"] = (lambda f=task["feeds"]: runner.call(branch, [*inputs, *f]))
+    for name, task in st.tasks.items():
+        fns[f"{name} merged"] = (lambda m=task.method: runner.call(m, inputs))
+        fns[f"{name} branches"] = (lambda f=task.feeds: runner.call(st.branch, [*inputs, *f]))
     ms = _interleaved(fns, ctx.latency_runs)
-    for name, task in ctx.tasks.items():
-        task["latency_ms"] = {"merged": ms[f"{name} merged"], "branches": ms[f"{name} branches"]}
-    info["switch"] = switch_times(ctx.out, ctx.tasks, info["order"], info["ranks"], info["labels"])
+    for name, task in st.tasks.items():
+        task.latency_ms = {"merged": ms[f"{name} merged"], "branches": ms[f"{name} branches"]}
+    st.switch = switch_times(ctx.out, {n: (t.program, t.delta) for n, t in st.tasks.items()}, st.order, st.ranks,
+                             st.labels)
 
 
 # ------------------------------------------------------------------------------------------------ 5. the folder
@@ -294,38 +324,38 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def write_outputs(ctx: Any) -> None:
     ctx.step("writing manifest and report")
     _copy_tokenizer(ctx.base_path, ctx.out / TOKENIZER_DIR)
-    info = ctx.base_result
+    st = state(ctx)
     size = {rel: e.size for rel, e in file_table(ctx.out, frozenset({".work"})).items()}
     tasks, rows = {}, {}
-    for name, t in ctx.tasks.items():
-        merged_bytes, delta_bytes = size[t["program"]], size[t["delta"]]
-        tasks[name] = {"program": t["program"], "delta": t["delta"], "labels": t["labels"],
+    for name, t in st.tasks.items():
+        merged_bytes, delta_bytes = size[t.program], size[t.delta]
+        tasks[name] = {"program": t.program, "delta": t.delta, "labels": t.labels,
                        "adapter_path": str(Path(ctx.adapters[name]).absolute()),
-                       "adapter_hash": ctx.prepared[name].plan.adapter_hash, "rank": info["ranks"]}
-        p = t["parity"]["merged"]
-        rows[name] = {**p, "accuracy": None, "torch_accuracy": None, "latency_ms": t["latency_ms"]["merged"],
+                       "adapter_hash": ctx.prepared[name].plan.adapter_hash, "rank": st.ranks}
+        p = t.parity["merged"]
+        rows[name] = {**p, "accuracy": None, "torch_accuracy": None, "latency_ms": t.latency_ms["merged"],
                       "engine_size_bytes": merged_bytes, "delta_size_bytes": delta_bytes, "task_bytes": merged_bytes,
                       "bake": "merged program (.pte) over the shared base.ptd",
-                      "branches": {**t["parity"]["branches"], "latency_ms": t["latency_ms"]["branches"],
+                      "branches": {**t.parity["branches"], "latency_ms": t.latency_ms["branches"],
                                    "task_bytes": delta_bytes,
-                                   "vs_merged": t["latency_ms"]["branches"] / t["latency_ms"]["merged"]}}
-    branch_ms = statistics.median(t["latency_ms"]["branches"] for t in ctx.tasks.values())
+                                   "vs_merged": t.latency_ms["branches"] / t.latency_ms["merged"]}}
+    branch_ms = statistics.median(t.latency_ms["branches"] for t in st.tasks.values())
     ctx.report = {
         "target": ctx.target.name, "precision": ctx.target.precision, "backend": ctx.target.backend,
         "base": {"fingerprint": ctx.base_fingerprint, "max_abs_diff": None, "cosine": None, "agreement": None,
                  "latency_ms": branch_ms, "size_bytes": size[BASE_DATA] + size[BRANCH_PROGRAM],
                  "base_data_bytes": size[BASE_DATA], "branch_program_bytes": size[BRANCH_PROGRAM]},
-        "tasks": rows, "switch": info["switch"],
+        "tasks": rows, "switch": st.switch,
         "machine": {"threads": ctx.threads, "executorch": _version()},
         "export_seconds": round(time.perf_counter() - ctx.started, 1),
     }
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": ctx.target.to_json(),
-                "task": ctx.task, "base": {"name": ctx.base_path.name, "fingerprint": ctx.base_fingerprint,
+                "task": ctx.task, "base": {"name": _base_name(ctx), "fingerprint": ctx.base_fingerprint,
                                            "data": BASE_DATA, "vocab_size": int(ctx.model_config.vocab_size)},
                 "io": {"inputs": ["input_ids", "attention_mask"], "outputs": ["logits"],
                        "shape": [ctx.target.shapes.batch, ctx.target.shapes.sequence]},
-                "branches": {"program": BRANCH_PROGRAM, "modules": info["order"], "ranks": info["ranks"],
-                             "head": info["head"], "labels": info["labels"],
+                "branches": {"program": BRANCH_PROGRAM, "modules": st.order, "ranks": st.ranks,
+                             "head": st.head, "labels": st.labels,
                              "feeds": "per module A^T (in, r), (s*B)^T (r, out), zero-padded to r; then head "
                                       "weight^T (in, labels) and bias (labels), zero-padded; logits cut to the "
                                       "task's labels"},
@@ -334,6 +364,12 @@ def write_outputs(ctx: Any) -> None:
     (ctx.out / REPORT_MD).write_text(report_markdown(ctx.report), encoding="utf-8")
     manifest["files"] = {rel: e.to_json() for rel, e in file_table(ctx.out, frozenset({".work"})).items()}
     write_json(ctx.out / MANIFEST, manifest)
+
+
+def _base_name(ctx: Any) -> str:
+    """As the ONNX manifests name it: the bundled base by its name, any other by its absolute path (what
+    ``edgelora bench`` loads PEFT's model over)."""
+    return "all-MiniLM-L6-v2" if ctx.base is None else str(Path(ctx.base_path).resolve())
 
 
 def _version() -> str:
