@@ -244,6 +244,20 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     return out
 
 
+def _calibrate_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    """``--calibrate``: NAME=FILE for one task, a bare FILE ("" key) for every task not named."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        name, path = (name, path) if sep and name and "/" not in name else ("", v)
+        if not path:
+            raise EdgeloraError(f"--calibrate {v!r} must be FILE or NAME=FILE")
+        if name in out:
+            raise EdgeloraError(f"--calibrate {name or 'FILE'} is given twice; use one file per task")
+        out[name] = path
+    return out
+
+
 @cli.command()
 @click.option("--base", default=None, help=_BASE_HELP)
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
@@ -254,6 +268,9 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
               help="Deployment folder to write (default: out/<target>).")
 @click.option("--eval", "evals", multiple=True, metavar="NAME=FILE",
               help="Labelled file for task NAME: engine and PyTorch accuracy go in the report (repeat).")
+@click.option("--calibrate", "calibrate", multiple=True, metavar="[NAME=]FILE",
+              help="Static int8 targets: texts to calibrate on (.txt one per line, or a TSV/CSV/JSONL with a "
+                   "sentence/text column); NAME=FILE for one task, FILE for every task (repeat).")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for timing engines.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickled adapter_model.bin files (loaded weights_only).")
@@ -265,8 +282,8 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def export(base: str | None, adapters: tuple[str, ...], target: str, output: Path | None, evals: tuple[str, ...],
-           threads: int, force: bool, allow_pickle: bool, keep_failed: bool, bake: str, as_json: bool,
-           quiet: bool) -> None:
+           calibrate: tuple[str, ...], threads: int, force: bool, allow_pickle: bool, keep_failed: bool, bake: str,
+           as_json: bool, quiet: bool) -> None:
     """Export a base engine, per-task deltas and baked engines for a target, verified against PyTorch."""
     from .export import default_adapters, format_table, report_rows
     from .export import export as run_export
@@ -281,7 +298,7 @@ def export(base: str | None, adapters: tuple[str, ...], target: str, output: Pat
     with _steps(steps, f"export {tgt.name}", quiet) as step:
         result = run_export(base, pairs, tgt, output, evals=_pairs(evals, "--eval"), force=force,
                             allow_pickle=allow_pickle, threads=threads, progress=step, keep_failed=keep_failed,
-                            bake=bake)
+                            bake=bake, calibrate=_calibrate_pairs(calibrate))
     if as_json:
         _print_json(result.report)
         return

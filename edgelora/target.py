@@ -51,6 +51,18 @@ class Quantization:
     # int4 only: when the embedding table equals the LM head's weight (tied embeddings), store it once:
     # the embedding Gather reads the head's quantized tensor (GatherBlockQuantized).
     tie_embeddings: bool = True
+    # static (int8 QDQ) only, see converters/onnx/calibrate.py: the calibrator (minmax | entropy | percentile),
+    # how many calibration texts and held-out check texts per task, the activations' type, MatMuls kept float
+    # by name, and the sensitivity pass: keep the MatMuls with the largest own error float, one at a time (at most
+    # sensitivity_max_float), until each task decides as the fp32 engine on ``sensitivity_agreement`` of its checks
+    calibration: str = "minmax"
+    calibration_samples: int = 256
+    check_samples: int = 256
+    activation_type: str = "quint8"  # quint8 | qint8
+    float_nodes: tuple[str, ...] = ()
+    sensitivity: bool = True
+    sensitivity_agreement: float = 0.98
+    sensitivity_max_float: int = 8
 
 
 @dataclass(frozen=True)
@@ -277,10 +289,22 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         (t.provider in PROVIDERS, f"provider = {t.provider!r}; choose one of {', '.join(PROVIDERS)}"),
         (t.precision in PRECISIONS, f"precision = {t.precision!r}; choose one of {', '.join(PRECISIONS)}"),
         (14 <= t.opset <= 23, f"opset = {t.opset}; choose 14..23"),
-        (t.quantization.method in ("none", "dynamic", "matmul_nbits"),
-         f"[quantization] method = {t.quantization.method!r}; choose none, dynamic or matmul_nbits"),
-        (t.precision != "int8" or t.quantization.method == "dynamic",
-         "precision = 'int8' needs [quantization] method = 'dynamic'"),
+        (t.quantization.method in ("none", "dynamic", "static", "matmul_nbits"),
+         f"[quantization] method = {t.quantization.method!r}; choose none, dynamic, static or matmul_nbits"),
+        (t.precision != "int8" or t.quantization.method in ("dynamic", "static"),
+         "precision = 'int8' needs [quantization] method = 'dynamic' or 'static'"),
+        (t.quantization.calibration in ("minmax", "entropy", "percentile"),
+         f"[quantization] calibration = {t.quantization.calibration!r}; choose minmax, entropy or percentile"),
+        (t.quantization.activation_type in ("quint8", "qint8"),
+         f"[quantization] activation_type = {t.quantization.activation_type!r}; choose quint8 or qint8"),
+        (t.quantization.calibration_samples >= 1 and t.quantization.check_samples >= 1,
+         "[quantization] calibration_samples and check_samples must be at least 1"),
+        (0.0 < t.quantization.sensitivity_agreement <= 1.0,
+         "[quantization] sensitivity_agreement must be in (0, 1]"),
+        (t.quantization.sensitivity_max_float >= 0, "[quantization] sensitivity_max_float must be at least 0"),
+        (t.quantization.method != "static" or not t.optimize,
+         "[quantization] method = 'static' quantizes the unfused graph (ONNX Runtime fuses QDQ at load); set "
+         "optimize = false"),
         (t.precision != "int4" or t.quantization.method == "matmul_nbits",
          "precision = 'int4' needs [quantization] method = 'matmul_nbits'"),
         (t.precision != "int4" or t.opset >= 21, f"precision = 'int4' needs opset ≥ 21 (got {t.opset})"),

@@ -1,6 +1,7 @@
 """ONNX fp32 -> quantized or cast ONNX, with ``onnxruntime.quantization`` (never by hand).
 
-- int8: dynamic quantization (weights int8 per channel, activations quantized at run time).
+- int8: dynamic quantization (weights int8 per channel, activations quantized at run time); or static,
+  calibrated QDQ (``calibrate.py``: int8 activations too, what phone NPUs run).
 - int4: weight-only blockwise ``MatMulNBits``; embeddings too (``GatherBlockQuantized``) where
   the target asks, so the largest tensor of a decoder shrinks as well; MatMuls named in
   ``eight_bit_nodes`` (in ``cpu-int4``: attention, MLP down projection, LM head) get 8-bit
@@ -19,9 +20,16 @@ from pathlib import Path
 from typing import Any
 
 
-def quantize(src: Path, dst: Path, target: Any, exclude: tuple[str, ...] = ()) -> None:
-    """``exclude``: node names left in float (a classification head: tiny, and the runtime applies it in fp32)."""
+def quantize(src: Path, dst: Path, target: Any, exclude: tuple[str, ...] = (), calibration: Any = None
+             ) -> dict[str, Any] | None:
+    """``exclude``: node names left in float (a classification head: tiny, and the runtime applies it in fp32).
+    ``calibration``: a ``calibrate.CalibrationSet`` (static int8 only). Returns static int8's report, else None."""
     import warnings
+
+    if target.precision == "int8" and target.quantization.method == "static":
+        from .calibrate import quantize_static
+
+        return quantize_static(src, dst, target.quantization, exclude, calibration)
 
     logging.disable(logging.WARNING)  # the quantizers log per-node notes
     try:
@@ -37,6 +45,7 @@ def quantize(src: Path, dst: Path, target: Any, exclude: tuple[str, ...] = ()) -
                 raise ValueError(f"precision {target.precision!r} is not a quantization")
     finally:
         logging.disable(logging.NOTSET)
+    return None
 
 
 def head_nodes(src: Path) -> tuple[str, ...]:

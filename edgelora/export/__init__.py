@@ -76,10 +76,12 @@ def export(
     latency_runs: int = 30,
     keep_failed: bool = False,
     bake: str = "auto",
+    calibrate: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> ExportResult:
     """Export ``adapters`` (name -> PEFT folder) over ``base`` for ``target`` into ``output``. ``bake``: "auto"
     patches the base engine into each task engine where the backend can (else re-exports the merged model);
-    "reexport" always re-exports (slow: the reference the patched engines are checked against)."""
+    "reexport" always re-exports (slow: the reference the patched engines are checked against). ``calibrate``:
+    static int8 targets' texts, task name ("" for every task) -> file (see ``export/calibration.py``)."""
     if bake not in ("auto", "reexport"):
         raise EdgeloraError(f"bake = {bake!r}; use 'auto' or 'reexport'")
     from ..converters import get_backend
@@ -89,7 +91,8 @@ def export(
     ctx = ExportContext(base, {k: Path(v) for k, v in adapters.items()}, target, output,
                         {k: Path(v) for k, v in (evals or {}).items()}, threads, latency_runs, allow_pickle,
                         progress or (lambda step: None), backend=get_backend(target.backend),
-                        started=time.perf_counter(), bake=bake)
+                        started=time.perf_counter(), bake=bake,
+                        calibrate={k: Path(v) for k, v in (calibrate or {}).items()})
     check_request(ctx)
     read_adapters(ctx)  # every adapter read and checked against the base before any work
     with atomic_output_dir(output, force=force) as out, scratch_dir(out) as work:

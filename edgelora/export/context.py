@@ -67,6 +67,7 @@ class ExportContext:
     step: Callable[[str], None]
     backend: Any = None
     bake: str = "auto"  # "reexport": every task engine exported again from the merged model
+    calibrate: Mapping[str, Path] = field(default_factory=dict)  # --calibrate: task ("" = every task) -> texts
     # filled by the steps, in order
     prepared: dict[str, Prepared] = field(default_factory=dict)
     task: str = ""
@@ -87,3 +88,4 @@ class ExportContext:
     failures: list[str] = field(default_factory=list)
     started: float = 0.0
     tokenizer: Any = None  # transformers' tokenizer of the base, for --eval
+    calibration_texts: dict[str, list[str]] = field(default_factory=dict)  # static int8: task -> its texts
