@@ -237,6 +237,34 @@ def test_a_manifest_naming_a_non_ort_model_is_refused_in_one_line(folders):
         parse_manifest(raw)
 
 
+def test_runtime_style_with_the_branch_graph_runs_unmerged_and_mixed_batches_on_ort(adapters, tmp_path):
+    """optimization_style = "runtime" at level basic (what NNAPI / CoreML apps take), lora_graph = true: every .ort
+    equal to its .onnx opened as the converter opened it; the runtime replays the saved optimizations and runs
+    tasks as LoRA branches on mobile/lora.ort, mixed-task batches included."""
+    from edgelora.export import export
+
+    text = (Path(__file__).parents[1] / "targets/mobile-fp32.toml").read_text()
+    text = (text.replace('optimization_style = "fixed"', 'optimization_style = "runtime"')
+            .replace('optimization_level = "all"', 'optimization_level = "basic"')
+            .replace("lora_graph = false", "lora_graph = true"))
+    (tmp_path / "rt.toml").write_text(text)
+    base, ads = adapters
+    result = export(base, ads, load_target(tmp_path / "rt.toml"), tmp_path / "out", latency_runs=2)
+    rows = result.report["mobile"]["engines"]
+    assert rows["base/lora.onnx"]["ort"] == "mobile/lora.ort" and all(r["max_abs_diff"] == 0.0 for r in rows.values())
+    m = read_manifest(tmp_path / "out")
+    assert (m.mobile.optimization_level, m.mobile.optimization_style) == ("basic", "runtime")
+    assert "with_runtime_opt" not in (tmp_path / "out" / m.mobile.operators).read_text()
+    inputs = _ids(m.base.vocab_size)
+    rt = Runtime.open(tmp_path / "out", unmerged=True)
+    assert (rt.engine_format, rt.mode) == ("ort", "unmerged")
+    swapped = Runtime.open(tmp_path / "out")
+    mixed = rt.run(tasks=["mood", "topic"], **inputs)["logits"]
+    for row, task in enumerate(("mood", "topic")):
+        one = swapped.run(task=task, **inputs)["logits"][row]
+        np.testing.assert_allclose(mixed[row, : one.shape[0]], one, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- bad targets
 BAD = [
     ("[mobile]\nort = true\noptimization_level = 'max'\n", "optimization_level"),

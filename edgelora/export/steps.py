@@ -62,6 +62,7 @@ from ..merge import merge_into_model
 from ..merged_model import copy_tokenizer
 from ..prepare import Prepared, prepare
 from ..verify import Parity, within
+from .calibration import build_calibration, calibration_files, read_texts
 from .context import BaseResult, ExportContext, TaskResult
 from .report import engine_size, report_markdown
 
@@ -110,13 +111,26 @@ def read_adapters(ctx: ExportContext) -> None:
     ctx.model_config = first.model.config
     ctx.headless = ctx.task != "causal-lm"  # encoders: the base engine is the encoder; heads travel with tasks
     ctx.eval_sets = {name: _read_eval(Path(f), ctx.prepared[name]) for name, f in ctx.evals.items()}
+    if _static(ctx):
+        if ctx.task == "causal-lm":
+            raise EdgeloraError(f"target {ctx.target.name}: static int8 (QDQ) is for encoders; use cpu-int8 or "
+                                "cpu-int4 for a causal LM")
+        files = calibration_files(ctx.calibrate, list(ctx.adapters))
+        ctx.calibration_texts = {name: read_texts(f) for name, f in files.items()}
+    elif ctx.calibrate:
+        raise EdgeloraError(f"--calibrate: target {ctx.target.name} is not calibrated (only [quantization] method = "
+                            "'static' is); drop --calibrate or choose a static int8 target")
 
 
 # ---------------------------------------------------------------------------------------------- the base
 def build_base(ctx: ExportContext) -> None:
     ctx.step("exporting base engine")
     model = _first(ctx).model  # not merged yet: W0 everywhere
-    build = ctx.backend.build_engine(model, ctx.task, ctx.headless, ctx.target, ctx.work, "base", ctx.family)
+    calibration = _calibration(ctx) if _static(ctx) else None
+    if calibration is not None:
+        ctx.step("calibrating static int8 (sensitivity pass)")
+    build = ctx.backend.build_engine(model, ctx.task, ctx.headless, ctx.target, ctx.work, "base", ctx.family,
+                                     calibration=calibration)
     ctx.step("mapping LoRA targets to the engine's weights")
     locations, weights = ctx.backend.map_weights(build, _w0(ctx))
     engine = ctx.backend.save_base(build, ctx.out)
@@ -128,8 +142,10 @@ def build_base(ctx: ExportContext) -> None:
     # a headless encoder's outputs are hidden states: their scale is the model's and an argmax over hidden
     # units means nothing, so only the cosine is held to the tolerance there
     miss = [m for m in within(base.parity, ctx.target.tolerance) if not ctx.headless or m.startswith("cosine")]
-    if miss:
+    if miss and not (ctx.headless and _static(ctx)):
         ctx.failures.append(f"base: {'; '.join(miss)}")
+    # (static int8: a headless base's hidden states, every activation rounded to 8 bits, measure ~0.92 cosine on
+    # W1 while each task's logits measure 0.997; the tasks' engines, checked below on the same texts, are the gate)
     if build.fused and ctx.target.precision == "fp32":
         base.unfused_latency_ms = _latency(ctx, _session(ctx, build.raw), build.spec, ctx.latency_runs)
 
@@ -382,9 +398,15 @@ def check_runtime(ctx: ExportContext) -> None:
     from ..runtime import Runtime
 
     rt = Runtime.open(ctx.out, threads=ctx.threads, provider=ctx.target.provider)
-    # a mobile folder's runtime runs the .ort models; the one on the .onnx models must compute the same bytes
+    # A mobile folder's runtime runs the .ort models; the one on the .onnx models computes the same bytes where
+    # the .ort was made at ONNX Runtime's default (the level and style the runtime opens .onnx at: all, fixed).
+    # Made otherwise, it runs other kernels (each .ort was checked bit for bit against its .onnx at its own level),
+    # so the two runtimes agree to rounding: the target's tolerance.
     onnx_rt = Runtime.open(ctx.out, threads=ctx.threads, provider=ctx.target.provider, engine_format="onnx") \
         if rt.engine_format == "ort" else None
+    mobile = ctx.target.mobile
+    ort_limit = 0.0 if mobile and (mobile.optimization_level, mobile.optimization_style) == ("all", "fixed") \
+        else ctx.target.tolerance.max_abs_diff
     inputs = _runtime_inputs(ctx)
     for name, task in ctx.tasks.items():
         ref = task.runtime_reference
@@ -400,9 +422,9 @@ def check_runtime(ctx: ExportContext) -> None:
         if onnx_rt is not None:
             ort_diff = float(np.abs(logits - onnx_rt.run(task=name, **inputs)["logits"]).max())
             task.report["runtime_ort_vs_onnx_max_abs_diff"] = ort_diff
-            if ort_diff != 0.0:
+            if ort_diff > ort_limit:
                 ctx.failures.append(f"{name} (runtime on the .ort models): max |Δ| {ort_diff:.3g} vs the runtime on "
-                                    "the .onnx models (must be equal)")
+                                    f"the .onnx models > {ort_limit:g}")
 
 
 def write_report(ctx: ExportContext) -> None:
@@ -416,6 +438,7 @@ def write_report(ctx: ExportContext) -> None:
                  "unfused_latency_ms": base.unfused_latency_ms},
         "tasks": {name: t.report for name, t in ctx.tasks.items()},
         "bake": {"patched": base.patch is not None, "reason": base.patch_reason},
+        **({"quantization": base.build.quantization} if base.build.quantization else {}),
         "device_bundle": _bundle_size(ctx),
         **({"mobile": ctx.mobile_report} if ctx.mobile_report else {}),
         "export_seconds": round(time.perf_counter() - ctx.started, 1),
@@ -504,6 +527,26 @@ def _delta_for(p: Prepared) -> tuple[dict[str, DeltaModule], dict[str, np.ndarra
     return modules, head, reason
 
 
+def _text_inputs(ctx: ExportContext) -> dict[str, np.ndarray]:
+    """Eight texts from the calibration files' ends (the check texts, not calibrated on), padded to the target's
+    sequence length: what a calibrated engine's parity is measured on."""
+    texts = [t for name in sorted(ctx.calibration_texts) for t in ctx.calibration_texts[name][-4:]][:8]
+    enc = _tokenizer(ctx)(texts, padding="max_length", truncation=True, max_length=ctx.target.shapes.sequence,
+                          return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+def _static(ctx: ExportContext) -> bool:
+    return ctx.target.precision == "int8" and ctx.target.quantization.method == "static"
+
+
+def _calibration(ctx: ExportContext) -> Any:
+    """The calibration set of a static int8 base: every task's texts; each task checked with its LoRA and head."""
+    tasks = {name: _delta_for(p)[:2] for name, p in ctx.prepared.items()}
+    return build_calibration(ctx.calibration_texts, tasks, _w0(ctx), _tokenizer(ctx), ctx.target.quantization,
+                             ctx.target.shapes.sequence)
+
+
 def _session(ctx: ExportContext, path: Path) -> Any:
     from ..runtime.sessions import session_options
 
@@ -524,6 +567,8 @@ def _check(sess: Any, model: Any, spec: dict[str, Any], ctx: ExportContext, head
 
     vocab = int(model.config.vocab_size)
     inputs = fixed_inputs(vocab, max(2, ctx.target.shapes.batch), ctx.target.shapes.sequence)  # one row padded
+    if ctx.calibration_texts:  # a calibrated engine is held to real text: random ids lie outside its ranges
+        inputs = _text_inputs(ctx)
     if spec["kind"] == "causal-lm":
         return check_causal_lm(sess, model, spec, inputs, extra)
     return check_encoder(sess, model, inputs, headless, extra)
