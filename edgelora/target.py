@@ -63,6 +63,7 @@ class Quantization:
     sensitivity: bool = True
     sensitivity_agreement: float = 0.98
     sensitivity_max_float: int = 8
+    kept_nodes: str = "weight_only"  # weight_only (int8 weights, float activations) | float
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,8 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         (0.0 < t.quantization.sensitivity_agreement <= 1.0,
          "[quantization] sensitivity_agreement must be in (0, 1]"),
         (t.quantization.sensitivity_max_float >= 0, "[quantization] sensitivity_max_float must be at least 0"),
+        (t.quantization.kept_nodes in ("weight_only", "float"),
+         f"[quantization] kept_nodes = {t.quantization.kept_nodes!r}; choose weight_only or float"),
         (t.quantization.method != "static" or not t.optimize,
          "[quantization] method = 'static' quantizes the unfused graph (ONNX Runtime fuses QDQ at load); set "
          "optimize = false"),

@@ -67,8 +67,8 @@ def test_static_int8_w1_engines_runtime_and_sensitivity(tmp_path, cli):
     """A small calibration (64 texts per task, 64 held out) so the test stays near a minute: the report names
     the per-node errors and trials, the task engines agree with PyTorch on held-out text, and the runtime's swap
     on the QDQ base rebuilds each task's int8 weights bit for bit (same logits as the baked engine)."""
-    target = tmp_path / "qdq.toml"
-    target.write_text((REPO / "targets" / "cpu-int8-qdq.toml").read_text()
+    target = tmp_path / "qdq.toml"  # the phone's QDQ target: static int8 and its ORT-format models
+    target.write_text((REPO / "targets" / "mobile-int8-qdq.toml").read_text()
                       .replace("calibration_samples = 256", "calibration_samples = 64")
                       .replace("check_samples = 256", "check_samples = 64")
                       .replace("sensitivity_max_float = 8", "sensitivity_max_float = 2"))
@@ -85,11 +85,25 @@ def test_static_int8_w1_engines_runtime_and_sensitivity(tmp_path, cli):
     assert ranked == sorted(ranked, reverse=True) and ranked[0] > 0
     assert 1 <= len(q["trials"]) <= 3 and q["kept_float"] == list(q["node_errors"])[:len(q["trials"]) - 1]
     import onnx
+    from onnx import numpy_helper
 
-    model = onnx.load(str(out / "base" / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(out / "base" / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ, not the dynamic form
     assert "DynamicQuantizeLinear" not in ops
+    # every weighted MatMul reads int8 weights: the kept ones too (weight-only), their activations float
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in producers and producers[node.input[1]].op_type == \
+                "DequantizeLinear":
+            assert numpy_helper.to_array(inits[producers[node.input[1]].input[0]]).dtype == np.int8
+    kept = [n for n in model.graph.node if n.name in q["kept_float"]]
+    assert len(kept) == len(q["kept_float"])
+    for node in kept:
+        assert producers[node.input[1]].op_type == "DequantizeLinear"  # int8 weight
+        assert producers.get(node.input[0]) is None or producers[node.input[0]].op_type != "DequantizeLinear"
+    assert (out / "mobile").is_dir() and any(p.suffix == ".ort" for p in (out / "mobile").iterdir())
     for name, task in report["tasks"].items():
         assert task["cosine"] >= 0.98 and task["agreement"] >= 0.9, (name, task)
         assert task["bake"] == "patched"

@@ -15,10 +15,11 @@ How (measured on W1, SST-2 example adapter, 6,735 dev phrases and the 851 of at 
   calibrators need one shape.
 - **Sensitivity pass**: each quantized MatMul's own error is measured alone, in numpy — its fp32 input, quantized
   with the scale and zero point the calibrator chose, times its per-channel int8 weight, against the fp32
-  product — and the MatMuls are kept float in that order, one more per trial, until every check (each task's
-  decisions on held-out texts against the fp32 engine) agrees to ``sensitivity_agreement``. On W1 the feed-forward
-  output projections (their input is GELU's long-tailed output, which a per-tensor uint8 scale spends on a few
-  outliers) rank first; keeping the first three float brings the drop to 0.13 / -0.24 points.
+  product — and the MatMuls are kept out of activation quantization in that order, one more per trial (their
+  weights still per-channel int8, ``weight_only``; ``kept_nodes = "float"`` keeps them fully float), until every
+  check (each task's decisions on held-out texts against the fp32 engine) agrees to ``sensitivity_agreement``.
+  On W1 the feed-forward output projections (their input is GELU's long-tailed output, which a per-tensor uint8
+  scale spends on a few outliers) rank first, and three of them are kept.
 
 API: ``quantize_static(src, dst, q, exclude, calibration) -> report``; ``calibration`` is a
 :class:`CalibrationSet` the exporter builds from ``--calibrate`` texts.
@@ -91,13 +92,51 @@ def quantize_static(src: Path, dst: Path, q: Any, exclude: Sequence[str], calibr
             break
         kept.append(ranked[len(kept)])
         _quantize(src, dst, q, [*fixed, *kept], calibration.batches, cache)
+        if q.kept_nodes == "weight_only":
+            weight_only(dst, kept)
     passed = not calibration.checks or min(trials[-1]["agreement"].values()) >= q.sensitivity_agreement
     return {"method": "static", "format": "QDQ", "calibration": q.calibration,
             "calibration_batches": len(calibration.batches), "activation_type": q.activation_type,
-            "kept_float": kept, "kept_float_by_rule": sorted(set(fixed) - set(exclude)),
+            "kept_float": kept, "kept_as": q.kept_nodes, "kept_float_by_rule": sorted(set(fixed) - set(exclude)),
             "node_errors": {n: round(errors[n], 6) for n in ranked},
             "sensitivity_agreement": q.sensitivity_agreement, "trials": trials, "passed": passed,
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def weight_only(path: Path, nodes: Sequence[str]) -> None:
+    """Give the MatMuls ``nodes`` (left float by the quantizer) per-channel int8 weights behind a DequantizeLinear,
+    their activations staying float: the sensitivity pass's error came from their inputs' 8-bit steps (W1: GELU's
+    long tail), while a per-channel int8 weight costs them nothing measurable and a quarter of the bytes. Same
+    encoding and names as the quantizer's (``{w}_quantized``, ``_scale``, ``_zero_point``), so a LoRA target among
+    them is still patched and swapped per task."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    added = []
+    for node in graph.node:
+        if node.name not in nodes or node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        name = node.input[1]
+        w = numpy_helper.to_array(inits[name])
+        if w.dtype != np.float32 or w.ndim != 2:
+            continue
+        qw, scale = int8_per_column(w)
+        out = f"{name}_DequantizeLinear_Output"
+        graph.initializer.extend([numpy_helper.from_array(qw, f"{name}_quantized"),
+                                  numpy_helper.from_array(scale, f"{name}_scale"),
+                                  numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point")])
+        added.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                                      [out], name=f"{name}_DequantizeLinear", axis=1))
+        node.input[1] = out
+    used = {i for n in graph.node for i in n.input}
+    for name in [n for n in inits if n not in used]:
+        graph.initializer.remove(inits[name])
+    for k, node in enumerate(added):
+        graph.node.insert(k, node)
+    onnx.save(model, str(path))
 
 
 def _quantize(src: Path, dst: Path, q: Any, exclude: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]],
