@@ -5,9 +5,9 @@ static QDQ int8 (cpu-int8-qdq), W1, both example tasks; plus engine size and lat
 
 - SST-2 (``sst2`` adapter): the whole dev file (6,735 phrases) and its long-sentence subset: the dev rows of at
   least 20 words (851 rows, sentence-level reviews: the inputs where dynamic int8 lost 0.8 points).
-- AG News (``agnews`` adapter): ``examples/data/agnews-val-500.tsv`` (held out from the adapter's training) and
-  its longest half (250 rows of at least the median length).
-- Calibration (static): 1,500 rows of each task's *training* file (``../shared/data``), never the eval files.
+- AG News (``agnews`` adapter): the 1,000 rows of ``train.tsv`` its training held out (``--val-fraction 0.1
+  --seed 0``, re-split here the same way) and their longest half (at least the median length).
+- Calibration (static): the first 1,500 texts of each task's *training* rows, never an evaluated row.
 - Each task's baked engine of each folder runs every row at its own length (batches of 32 sorted by length);
   PyTorch is the PEFT-merged model in fp32. Latency: batch 1 × 128 tokens, 2 threads, medians of interleaved
   rounds, the fp32 folder's fused base engine as the reference.
@@ -43,13 +43,23 @@ def _rows(path: Path) -> tuple[list[str], list[str]]:
 def _sets() -> dict[str, dict[str, tuple[list[str], list[str]]]]:
     sst_x, sst_y = _rows(DATA / "sst2" / "dev.tsv")
     long_idx = [i for i, x in enumerate(sst_x) if len(x.split()) >= LONG_WORDS]
-    ag_x, ag_y = _rows(REPO / "examples" / "data" / "agnews-val-500.tsv")
+    _, (ag_x, ag_y) = _agnews_split()
     median = statistics.median(len(x.split()) for x in ag_x)
     ag_long = [i for i, x in enumerate(ag_x) if len(x.split()) >= median]
     return {"sst2": {"dev": (sst_x, sst_y),
                      f"dev, >= {LONG_WORDS} words": ([sst_x[i] for i in long_idx], [sst_y[i] for i in long_idx])},
-            "agnews": {"val-500": (ag_x, ag_y),
-                       "val-500, longest half": ([ag_x[i] for i in ag_long], [ag_y[i] for i in ag_long])}}
+            "agnews": {"held-out 10%": (ag_x, ag_y),
+                       "held-out, longest half": ([ag_x[i] for i in ag_long], [ag_y[i] for i in ag_long])}}
+
+
+def _agnews_split() -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+    """AG News train.tsv split as the example adapter was trained (``--val-fraction 0.1 --seed 0``):
+    (training rows, the 1,000 held-out rows)."""
+    from edgelora.data import split
+
+    x, y = _rows(DATA / "agnews" / "train.tsv")
+    train, val = split(list(zip(x, y, strict=True)), 0.1, 0)
+    return ([a for a, _ in train], [b for _, b in train]), ([a for a, _ in val], [b for _, b in val])
 
 
 def _export(target: str, out: Path, calibrate: dict[str, Path] | None, reuse: bool) -> float:
@@ -137,16 +147,20 @@ def _latency(folders: dict[str, Path], rounds: int = 8) -> dict[str, float]:
 
 
 def _engine_mb(folder: Path, task: str) -> float:
-    """The bytes a baked task engine reads: its graph and every data file it names (shared ones included)."""
+    """The weight bytes a baked task engine reads: every initializer it holds or points to in a data file (the
+    fp32 engines share data files with the branch graph, so file sizes would count tensors it never reads)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     manifest = json.loads((folder / "manifest.json").read_text())
-    path = folder / manifest["tasks"][task]["engine"]
-    model = onnx.load(str(path), load_external_data=False)
-    files = {e.value for i in model.graph.initializer if uses_external_data(i) for e in i.external_data
-             if e.key == "location"}
-    return (path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)) / 1e6
+    model = onnx.load(str(folder / manifest["tasks"][task]["engine"]), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        if uses_external_data(init):
+            total += int(next(e.value for e in init.external_data if e.key == "length"))
+        else:
+            total += len(init.raw_data) or len(init.SerializeToString())
+    return total / 1e6
 
 
 def main() -> None:
@@ -161,10 +175,11 @@ def main() -> None:
     cal_dir = args.work / "calibration"
     cal_dir.mkdir(exist_ok=True)
     calibrate = {}
-    for task, src in (("sst2", DATA / "sst2" / "train.tsv"), ("agnews", DATA / "agnews" / "train.tsv")):
-        lines = src.read_text(encoding="utf-8").splitlines()
-        (cal_dir / f"{task}.tsv").write_text("\n".join(lines[:1501]) + "\n", encoding="utf-8")
-        calibrate[task] = cal_dir / f"{task}.tsv"
+    sst_train, _ = _rows(DATA / "sst2" / "train.tsv")
+    (ag_train, _), _ = _agnews_split()
+    for task, texts in (("sst2", sst_train), ("agnews", ag_train)):  # training texts only, never the eval rows
+        (cal_dir / f"{task}.txt").write_text("\n".join(texts[:1500]) + "\n", encoding="utf-8")
+        calibrate[task] = cal_dir / f"{task}.txt"
     folders = {"fp32": args.work / "cpu-fp32", "dynamic int8": args.work / "cpu-int8",
                "static QDQ int8": args.work / "cpu-int8-qdq"}
     seconds = {"fp32": _export("cpu-fp32", folders["fp32"], None, args.reuse),
@@ -205,7 +220,8 @@ def table(r: dict) -> str:
     lines.append("sst2 task engine, batch 1 x 128, 2 threads: " + ", ".join(
         f"{k} {v:.1f} ms ({fp / v:.2f}x fp32)" for k, v in r["latency_ms"].items()))
     mb = r["engine_mb"]
-    lines.append("engine bytes read: " + ", ".join(f"{k} {v:.1f} MB ({v / mb['fp32']:.2f}x)" for k, v in mb.items()))
+    lines.append("task engine weight bytes: " + ", ".join(f"{k} {v:.1f} MB ({v / mb['fp32']:.2f}x)"
+                                                          for k, v in mb.items()))
     lines.append(f"static QDQ: MatMuls kept float by the sensitivity pass: {r['qdq_kept_float']}")
     lines.append(f"  trials (float nodes -> agreement with fp32 on held-out training texts): "
                  f"{[(t['float_nodes'], t['agreement']) for t in r['qdq_trials'] or []]}")

@@ -61,7 +61,7 @@ class Quantization:
     activation_type: str = "quint8"  # quint8 | qint8
     float_nodes: tuple[str, ...] = ()
     sensitivity: bool = True
-    sensitivity_agreement: float = 0.98
+    sensitivity_agreement: float = 0.99
     sensitivity_max_float: int = 8
     kept_nodes: str = "weight_only"  # weight_only (int8 weights, float activations) | float
 

@@ -54,7 +54,7 @@ def test_target_fields_are_checked(tmp_path, cli):
     bundled = (REPO / "targets" / "cpu-int8-qdq.toml").read_text()
     for old, new, needle in (('calibration = "minmax"', 'calibration = "average"', "choose minmax"),
                              ("optimize = false", "optimize = true", "set optimize = false"),
-                             ("sensitivity_agreement = 0.98", "sensitivity_agreement = 1.5", "in (0, 1]")):
+                             ("sensitivity_agreement = 0.99", "sensitivity_agreement = 1.5", "in (0, 1]")):
         target = tmp_path / "t.toml"
         target.write_text(bundled.replace(old, new))
         res = cli("export", *_adapters(), "--target", target, "-o", tmp_path / "o", "-q",
