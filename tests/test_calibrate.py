@@ -71,7 +71,7 @@ def test_static_int8_w1_engines_runtime_and_sensitivity(tmp_path, cli):
     target.write_text((REPO / "targets" / "mobile-int8-qdq.toml").read_text()
                       .replace("calibration_samples = 256", "calibration_samples = 64")
                       .replace("check_samples = 256", "check_samples = 64")
-                      .replace("sensitivity_max_float = 8", "sensitivity_max_float = 2"))
+                      .replace("sensitivity_max_float = 12", "sensitivity_max_float = 2"))
     out = tmp_path / "o"
     res = cli("export", *_adapters(), "--target", target, "-o", out, "-q", "--keep-failed",
               "--calibrate", f"sst2={EXAMPLES / 'data/sst2-dev-500.tsv'}",
