@@ -82,7 +82,7 @@ def base_stage(base: Any, adapters: Mapping[str, Path], target: Target, out: Pat
     state = {
         "stage_format": STAGE_FORMAT, "base_path": str(ctx.base_path), "base_fingerprint": ctx.base_fingerprint,
         "task": ctx.task, "family": ctx.family, "headless": ctx.headless, "modules": sorted(b.locations),
-        "engine": b.engine, "spec": b.build.spec, "fused": b.build.fused,
+        "engine": b.engine, "spec": b.build.spec, "fused": b.build.fused, "quantization": b.build.quantization,
         "locations": {m: loc.to_json() for m, loc in sorted(b.locations.items())},
         "parity": b.parity.to_json() if b.parity else None, "latency_ms": b.latency_ms,
         "unfused_latency_ms": b.unfused_latency_ms,
@@ -113,7 +113,7 @@ def _base_result(ctx: ExportContext, base_dir: Path, folder: Path, state: dict[s
     where = str(base_dir / BASE_STATE)
     locations = parse_section("locations", state["locations"], where)
     weights = load_file(str(base_dir / BASE_WEIGHTS))
-    build = _Build(state["spec"], state["fused"])
+    build = _Build(state["spec"], state["fused"], state.get("quantization"))
     b = BaseResult(build, state["engine"], locations, weights)
     p = state["parity"]
     b.parity = Parity(p["max_abs_diff"], p["cosine"], p["agreement"]) if p else None
@@ -131,10 +131,11 @@ def _base_result(ctx: ExportContext, base_dir: Path, folder: Path, state: dict[s
 
 
 class _Build:
-    """What the task stages and assembly read of the base's EngineBuild: its io spec and whether it is fused."""
+    """What the task stages and assembly read of the base's EngineBuild: its io spec, whether it is fused, and its
+    static int8 report."""
 
-    def __init__(self, spec: dict[str, Any], fused: bool) -> None:
-        self.spec, self.fused = spec, fused
+    def __init__(self, spec: dict[str, Any], fused: bool, quantization: dict[str, Any] | None = None) -> None:
+        self.spec, self.fused, self.quantization = spec, fused, quantization
 
 
 def _restore_ctx(ctx: ExportContext, state: dict[str, Any]) -> None:
