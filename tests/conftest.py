@@ -188,3 +188,12 @@ def schema_validator():
     schema = json.loads((REPO / "edgelora/format/manifest.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
+
+
+def assert_one_line_error(res: Any, *needles: str) -> None:
+    """A CLI result that is a bad-input refusal: exit 2 and one ``error: ...`` line naming each of ``needles``."""
+    lines = res.err.strip().splitlines()
+    assert res.code == 2, res
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import FAMILIES, make_peft_adapter, peft_reference, tree
+from conftest import FAMILIES, assert_one_line_error, make_peft_adapter, peft_reference, tree
 from edgelora.converters.onnx.names import WeightLocation
 from onnx import numpy_helper
 
@@ -345,12 +345,7 @@ def test_export_is_repeatable_and_forceable(family_adapters, tmp_path, cli):
 # --------------------------------------------------------------------------------------------------
 
 
-def _one_line_error(res, *needles):
-    lines = res.err.strip().splitlines()
-    assert res.code == 2, res
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+_one_line_error = assert_one_line_error
 
 
 def test_unknown_target_name(family_adapters, tmp_path, cli):

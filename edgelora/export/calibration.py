@@ -4,7 +4,8 @@ A file is read as texts only: a ``.txt`` file one text per line, or a labelled T
 ``text`` column; a task's training or eval file) whose labels are ignored. Its rows are shuffled with a fixed
 seed and split: the first ``calibration_samples`` feed the calibrator; of the rest (up to four times
 ``check_samples``) the longest ``check_samples`` are the held-out texts the sensitivity pass checks each task's
-decisions on (against the fp32 engine, not against labels: no labelled data is tuned on). ``--calibrate FILE`` serves every task; ``--calibrate NAME=FILE`` one task.
+decisions on (against the fp32 engine, not against labels: no labelled data is tuned on). ``--calibrate FILE``
+serves every task; ``--calibrate NAME=FILE`` one task.
 
 The calibration batches are padded to the target's sequence length; the checks run at their own length, as the
 device does.
