@@ -365,3 +365,33 @@ def test_the_engines_workflow_passes_actionlint_and_uses_real_options(tmp_path):
     for option in ("--emit-matrix", "--prepare", "--only", "--cache", "--output"):
         assert option in help_text and (option in text or option == "--output")
     assert (REPO / "examples" / "pipeline" / "PIPELINE.toml").is_file() and "examples/pipeline/PIPELINE.toml" in text
+
+
+def test_a_static_int8_target_calibrates_on_each_tasks_texts(tiny_dir, adapters, tmp_path):
+    """cpu-int8-qdq in a pipeline: adapter tasks calibrate on their calibrate selection, a trained task on its
+    training data; the folder's base is QDQ with the sensitivity report, tasks swap on it, and a task without
+    texts is refused in one line before any cell runs."""
+    target = (REPO / "targets" / "cpu-int8-qdq.toml").read_text(encoding="utf-8")
+    target = (target.replace('name = "cpu-int8-qdq"', 'name = "qdq-tiny"').replace("calibration_samples = 256",
+              "calibration_samples = 16").replace("check_samples = 256", "check_samples = 16")
+              .replace("sensitivity_max_float = 12", "sensitivity_max_float = 1")
+              .replace("max_accuracy_drop = 0.5", "max_accuracy_drop = 10"))
+    pipeline = _write_pipeline(tmp_path / "p", tiny_dir("bert"), adapters)
+    (pipeline.parent / "qdq-tiny.toml").write_text(target, encoding="utf-8")
+    text = pipeline.read_text(encoding="utf-8").replace('targets = ["cpu-fp32", "int8-tiny.toml"]',
+                                                       'targets = ["qdq-tiny.toml"]')
+    pipeline.write_text(text.replace('eval = "mood.tsv"', 'eval = "mood.tsv"\ncalibrate = "sst.tsv"'),
+                        encoding="utf-8")
+    with pytest.raises(EdgeloraError, match=r"task topic has no calibration texts; add calibrate"):
+        Build(pipeline, jobs=1, quiet=True).run()
+    pipeline.write_text(pipeline.read_text(encoding="utf-8").replace(
+        'eval = "topic.tsv"', 'eval = "topic.tsv"\ncalibrate = { file = "sst.tsv", rows = 100 }'), encoding="utf-8")
+    result = Build(pipeline, jobs=1, quiet=True).run()
+    assert result.exit_code in (0, 1), result.report.get("errors")
+    assert not result.report.get("errors"), result.report["errors"]
+    folder = pipeline.parent / "out" / "qdq-tiny"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["quantization"]["method"] == "static" and report["quantization"]["node_errors"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"int8"}
+    assert set(manifest["tasks"]) == {"mood", "topic", "sst"}

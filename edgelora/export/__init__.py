@@ -24,7 +24,7 @@ from ..fsutil import atomic_output_dir, check_output_dir, scratch_dir
 from ..target import Target
 from .context import ExportContext
 from .report import engine_size, format_table, report_markdown, report_rows
-from .steps import BUILD_STEPS, check_request, read_adapters
+from .steps import BUILD_STEPS, check_request, read_adapters, read_calibration
 
 __all__ = ["ExportFailed", "ExportResult", "default_adapters", "engine_size", "export", "format_table",
            "report_markdown", "report_rows"]
@@ -95,6 +95,7 @@ def export(
                         calibrate={k: Path(v) for k, v in (calibrate or {}).items()})
     check_request(ctx)
     read_adapters(ctx)  # every adapter read and checked against the base before any work
+    read_calibration(ctx)
     with atomic_output_dir(output, force=force) as out, scratch_dir(out) as work:
         ctx.out, ctx.work = out, work
         for step in getattr(ctx.backend, "steps", BUILD_STEPS):  # a backend may bring its own (executorch)

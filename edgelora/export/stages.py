@@ -43,6 +43,7 @@ from .steps import (
     export_tasks,
     plan_baking,
     read_adapters,
+    read_calibration,
     write_manifest,
     write_report,
 )
@@ -67,12 +68,16 @@ def _context(base: Any, adapters: Mapping[str, Path], target: Target, out: Path,
 
 # ---------------------------------------------------------------------------------------------- 1. the base
 def base_stage(base: Any, adapters: Mapping[str, Path], target: Target, out: Path, *, threads: int = 1,
-               latency_runs: int = 30, progress: Progress | None = None) -> None:
+               latency_runs: int = 30, progress: Progress | None = None,
+               calibrate: Mapping[str, Path] | None = None) -> None:
     """``out`` (an empty folder) gets ``base/`` and the state the task stages read. ``adapters``: every task of
-    the deployment (their LoRA targets are the weights the name map, branch and swap graphs cover)."""
+    the deployment (their LoRA targets are the weights the name map, branch and swap graphs cover); ``calibrate``:
+    a static int8 target's texts per task."""
     ctx = _context(base, adapters, target, out, {}, threads, latency_runs, progress)
+    ctx.calibrate = dict(calibrate or {})
     check_request(ctx)
     read_adapters(ctx)
+    read_calibration(ctx)
     with scratch_dir(out) as work:
         ctx.out, ctx.work = out, work
         for step in (build_base, build_runtime_graphs, plan_baking):
@@ -162,13 +167,17 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- 2. a task
 def task_stage(base_dir: Path, name: str, adapter: Path, target: Target, out: Path, *, eval_file: Path | None = None,
-               threads: int = 1, latency_runs: int = 30, progress: Progress | None = None) -> None:
-    """``out`` (an empty folder) gets the task's delta, ONNX Runtime adapter, baked engine and state."""
+               threads: int = 1, latency_runs: int = 30, progress: Progress | None = None,
+               calibrate: Path | None = None) -> None:
+    """``out`` (an empty folder) gets the task's delta, ONNX Runtime adapter, baked engine and state. ``calibrate``:
+    a static int8 target's texts of this task (its engine's parity is measured on some of them)."""
     state = _read_state(base_dir / BASE_STATE)
     evals = {name: eval_file} if eval_file else {}
     ctx = _context(state["base_path"], {name: adapter}, target, out, evals, threads, latency_runs, progress)
+    ctx.calibrate = {name: calibrate} if calibrate else {}
     check_request(ctx)
     read_adapters(ctx)
+    read_calibration(ctx)
     if ctx.base_fingerprint != state["base_fingerprint"] or ctx.task != state["task"]:
         raise EdgeloraError(f"adapter {name} ({adapter}) is not for the base stage's model and task; rebuild")
     missing = {t.module for t in ctx.prepared[name].plan.targets} - set(state["modules"])

@@ -1,7 +1,8 @@
 """The steps of ``edgelora export``, in order, each a short function over the :class:`ExportContext`.
 
 1. :func:`check_request`   names, eval files, the provider — before anything is loaded
-2. :func:`read_adapters`   every adapter read and checked against the base
+2. :func:`read_adapters`   every adapter read and checked against the base (:func:`read_calibration`: the
+                           texts a static int8 target calibrates on)
 3. :func:`build_base`      the base engine, its name map (LoRA target -> initializer), verified against PyTorch
 4. :func:`build_runtime_graphs`  the LoRA-branch graph and the swap graph the on-device runtime runs
 5. :func:`plan_baking`     whether task engines can be baked by patching the base engine (seconds) or must
@@ -111,6 +112,11 @@ def read_adapters(ctx: ExportContext) -> None:
     ctx.model_config = first.model.config
     ctx.headless = ctx.task != "causal-lm"  # encoders: the base engine is the encoder; heads travel with tasks
     ctx.eval_sets = {name: _read_eval(Path(f), ctx.prepared[name]) for name, f in ctx.evals.items()}
+
+
+def read_calibration(ctx: ExportContext) -> None:
+    """A static int8 target's texts per task (``--calibrate``), read and checked before any work; refused for any
+    other target. The base calibrates on them; every engine's parity is measured on some of them."""
     if _static(ctx):
         if ctx.task == "causal-lm":
             raise EdgeloraError(f"target {ctx.target.name}: static int8 (QDQ) is for encoders; use cpu-int8 or "

@@ -182,11 +182,21 @@ class Build:
     def _data(self) -> None:
         """Each task's training and eval selection as a file (the selection itself where it is a whole file)."""
         self._train_data: dict[str, tuple[Path, str]] = {}  # task -> (file, key)
+        self._calibration: dict[str, tuple[Path, str]] = {}  # task -> (file, key): static int8 targets' texts
         for name, t in self.p.tasks.items():
             if t.train is not None:
                 self._train_data[name] = self._materialize(t.train.data, f"tasks.{name}.train.data")
             if t.eval is not None:
                 self.evals[name] = self._materialize(t.eval, f"tasks.{name}.eval")
+            if t.calibrate is not None:
+                self._calibration[name] = self._materialize(t.calibrate, f"tasks.{name}.calibrate")
+            elif name in self._train_data:  # training texts: what a static int8 target calibrates on by default
+                self._calibration[name] = self._train_data[name]
+        static = [self.labels[ref] for ref in self.targets if self._static(ref)]
+        missing = [n for n in self.p.tasks if n not in self._calibration]
+        if static and missing:
+            raise EdgeloraError(f"{self.p.source}: target {static[0]} is static int8 and task {missing[0]} has no "
+                                f"calibration texts; add calibrate = \"FILE\" (or a selection) to [tasks.{missing[0]}]")
 
     def _materialize(self, sel: DataSelection, field_: str) -> tuple[Path, str]:
         from ..data import read_classification
@@ -223,13 +233,18 @@ class Build:
 
     def base_key(self, ref: str) -> str:
         return digest("base", self.base_fp, file_sha256(self.targets[ref].source), sorted(self._modules()),
-                      self.p.threads, self.p.latency_runs)
+                      self.p.threads, self.p.latency_runs,
+                      sorted((n, key) for n, (_, key) in self._calibration.items()) if self._static(ref) else None)
 
     def task_key(self, name: str, ref: str) -> str:
         adapter = self.adapters[name]
         present = [f for f in ADAPTER_FILES if (adapter / f).is_file()]
         return digest("task", self.base_key(ref), folder_sha256(adapter, present), name,
                       self.evals[name][1] if name in self.evals else None)
+
+    def _static(self, ref: str) -> bool:
+        """A static int8 target: its base and task cells read the tasks' calibration texts."""
+        return self.targets[ref].quantization.method == "static"
 
     def _modules(self) -> set[str]:
         """Every LoRA-target module of every task's adapter, from the adapter files' tensor names."""
@@ -251,7 +266,8 @@ class Build:
         key = self.base_key(ref)
         return Cell("base", self.labels[ref], key, self._job(
             "base", key=key, base=self.p.base, target=ref, target_label=self.labels[ref],
-            adapters={n: str(p) for n, p in self.adapters.items()}))
+            adapters={n: str(p) for n, p in self.adapters.items()},
+            calibrate={n: str(p) for n, (p, _) in self._calibration.items()} if self._static(ref) else {}))
 
     def _task_cell(self, name: str, ref: str) -> Cell | None:
         if self._base_failed(ref):
@@ -261,7 +277,8 @@ class Build:
         return Cell("task", f"{name}/{self.labels[ref]}", key, self._job(
             "task", key=key, name=name, adapter=str(self.adapters[name]), target=ref,
             target_label=self.labels[ref], base_cell=str(base_cell),
-            eval=str(self.evals[name][0]) if name in self.evals else None))
+            eval=str(self.evals[name][0]) if name in self.evals else None,
+            calibrate=str(self._calibration[name][0]) if self._static(ref) and name in self._calibration else None))
 
     def _base_failed(self, ref: str) -> bool:
         return any(c.error for c in self.cells if c.kind == "base" and c.name == self.labels[ref])

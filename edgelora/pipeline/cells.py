@@ -71,7 +71,8 @@ def _base(job: dict[str, Any], out: Path) -> dict[str, Any]:
     from ..target import load_target
 
     base_stage(job["base"], {n: Path(p) for n, p in job["adapters"].items()}, load_target(job["target"]), out,
-               threads=job["threads"], latency_runs=job["latency_runs"])
+               threads=job["threads"], latency_runs=job["latency_runs"],
+               calibrate={n: Path(p) for n, p in job.get("calibrate", {}).items()})
     return {"target": job["target_label"]}
 
 
@@ -81,7 +82,7 @@ def _task(job: dict[str, Any], out: Path) -> dict[str, Any]:
 
     task_stage(Path(job["base_cell"]), job["name"], Path(job["adapter"]), load_target(job["target"]), out,
                eval_file=Path(job["eval"]) if job.get("eval") else None, threads=job["threads"],
-               latency_runs=job["latency_runs"])
+               latency_runs=job["latency_runs"], calibrate=Path(job["calibrate"]) if job.get("calibrate") else None)
     return {"task": job["name"], "target": job["target_label"]}
 
 

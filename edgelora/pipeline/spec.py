@@ -84,6 +84,8 @@ class TaskSpec:
     train: TrainSpec | None
     eval: DataSelection | None
     gates: dict[str, float]  # the pipeline's gates with this task's overrides
+    # static int8 targets' calibration texts (default: the task's training data, where it is trained here)
+    calibrate: DataSelection | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,7 @@ def _gates(value: Any, name: str, where: str, inherited: dict[str, float]) -> di
 
 def _task(name: str, value: Any, where: str, root: Path, gates: dict[str, float]) -> TaskSpec:
     field_ = f"tasks.{name}"
-    t = _Table(value, field_, where, {"adapter", "train", "eval", "gates"})
+    t = _Table(value, field_, where, {"adapter", "train", "eval", "calibrate", "gates"})
     adapter = t.get("adapter", _text, "the path of a PEFT adapter folder")
     if (adapter is None) == ("train" not in t.d):
         raise EdgeloraError(f"{where}: {field_} needs exactly one of adapter = \"folder\" or a [{field_}.train] "
@@ -229,8 +231,9 @@ def _task(name: str, value: Any, where: str, root: Path, gates: dict[str, float]
         raise EdgeloraError(f"{where}: {field_}.adapter = {adapter!r:.60}: no adapter_config.json in "
                             f"{root / adapter}; give a PEFT adapter folder (relative to the pipeline file)")
     ev = _selection(t.d["eval"], f"{field_}.eval", where, root) if "eval" in t.d else None
+    cal = _selection(t.d["calibrate"], f"{field_}.calibrate", where, root) if "calibrate" in t.d else None
     return TaskSpec(name, (root / adapter).resolve() if adapter else None, train, ev,
-                    _gates(t.d.get("gates", {}), f"{field_}.gates", where, gates))
+                    _gates(t.d.get("gates", {}), f"{field_}.gates", where, gates), cal)
 
 
 def _selection(value: Any, field_: str, where: str, root: Path) -> DataSelection:
