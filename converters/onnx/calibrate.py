@@ -85,8 +85,9 @@ def quantize_static(src: Path, dst: Path, q: Any, exclude: Sequence[str], calibr
     trials: list[dict[str, Any]] = []
     kept: list[str] = []
     limit = q.sensitivity_max_float if q.sensitivity else 0
+    checks = _Checks(src, calibration)
     while True:
-        agreement = _agreement(src, dst, calibration)
+        agreement = checks.agreement(dst)
         trials.append({"float_nodes": len(kept), "agreement": agreement})
         if not calibration.checks or min(agreement.values()) >= q.sensitivity_agreement or len(kept) >= limit:
             break
@@ -198,39 +199,60 @@ def _feeds(sess: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in feeds.items() if k in names}
 
 
-def _agreement(src: Path, dst: Path, cal: CalibrationSet) -> dict[str, float]:
-    """Per check: the share of held-out rows where the quantized engine, patched with the task, decides as the fp32
-    engine patched with it does."""
-    import onnx
-    import onnxruntime as ort
+class _Checks:
+    """The sensitivity pass's checks: the fp32 graph's name map and each task's fp32 decisions, made once; each
+    trial then patches and runs only the quantized engine."""
 
-    from .names import build_name_map, float_initializers
-    from .patch import encodings, patch
+    def __init__(self, src: Path, cal: CalibrationSet) -> None:
+        import onnx
 
-    if not cal.checks:
-        return {}
-    fp32, qdq = onnx.load(str(src)), onnx.load(str(dst))
-    locations = build_name_map(fp32, cal.w0)
-    wanted = {loc.initializer for loc in locations.values()}
-    weights = {k: v for k, v in float_initializers(fp32).items() if k in wanted}
-    enc_f, _ = encodings(fp32, weights, src.parent)
-    enc_q, why = encodings(qdq, weights, dst.parent)
-    if enc_f is None or enc_q is None:
-        raise EdgeloraError(f"static int8: the quantized weights cannot be re-encoded per task ({why})")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    out: dict[str, float] = {}
-    for check in cal.checks:
-        sessions = [ort.InferenceSession(patch(m, enc, weights, locations, check.modules, {}, check.head)
-                                         .SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                    for m, enc in ((fp32, enc_f), (qdq, enc_q))]
-        same = total = 0
-        for feeds in check.feeds:
-            a, b = (s.run(["logits"], _feeds(s, feeds))[0].argmax(-1) for s in sessions)
-            same += int((a == b).sum())
-            total += len(a)
-        out[check.name] = round(same / max(total, 1), 4)
-    return out
+        from .names import build_name_map, float_initializers
+        from .patch import encodings
+
+        self.cal = cal
+        self.reference: dict[str, list[np.ndarray]] = {}
+        if not cal.checks:
+            return
+        fp32 = onnx.load(str(src))
+        self.locations = build_name_map(fp32, cal.w0)
+        wanted = {loc.initializer for loc in self.locations.values()}
+        self.weights = {k: v for k, v in float_initializers(fp32).items() if k in wanted}
+        enc, why = encodings(fp32, self.weights, src.parent)
+        if enc is None:
+            raise EdgeloraError(f"static int8: the fp32 weights cannot be patched per task ({why})")
+        for check in cal.checks:
+            self.reference[check.name] = self._decide(fp32, enc, check)
+
+    def agreement(self, dst: Path) -> dict[str, float]:
+        """Per check: the share of held-out rows where the quantized engine, patched with the task, decides as the
+        fp32 engine patched with it does."""
+        import onnx
+
+        from .patch import encodings
+
+        if not self.cal.checks:
+            return {}
+        qdq = onnx.load(str(dst))
+        enc, why = encodings(qdq, self.weights, dst.parent)
+        if enc is None:
+            raise EdgeloraError(f"static int8: the quantized weights cannot be re-encoded per task ({why})")
+        out: dict[str, float] = {}
+        for check in self.cal.checks:
+            got = self._decide(qdq, enc, check)
+            same = sum(int((a == b).sum()) for a, b in zip(self.reference[check.name], got, strict=True))
+            out[check.name] = round(same / max(sum(len(a) for a in got), 1), 4)
+        return out
+
+    def _decide(self, model: Any, enc: Any, check: Check) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        from .patch import patch
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(patch(model, enc, self.weights, self.locations, check.modules, {}, check.head)
+                                    .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return [sess.run(["logits"], _feeds(sess, feeds))[0].argmax(-1) for feeds in check.feeds]
 
 
 def _node_errors(src: Path, qdq: Path, nodes: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]

@@ -197,8 +197,7 @@ class SwapWeights:
         if not all(k in encoded for k in keys):
             return False
         for key in keys:
-            np.copyto(slot.arrays[key], encoded[key])
-        slot.dirty.add(name)
+            np.copyto(slot.arrays[key], encoded[key])  # (``build`` has marked the weight dirty)
         return True
 
     def _contiguous(self, name: str, width: int, share: int) -> np.ndarray:
