@@ -73,12 +73,13 @@ def _model(method: str, base, args: argparse.Namespace):
     from edgelora.train import TrainConfig, load_for_training, lora_config, seed_everything
 
     lora = method == "lora"
-    cfg = TrainConfig(r=8, alpha=16, lr=args.lora_lr if lora else args.full_lr, batch_size=args.batch_size,
+    cfg = TrainConfig(r=args.r, alpha=args.alpha if args.alpha > 0 else 2.0 * args.r,
+                      lr=args.lora_lr if lora else args.full_lr, batch_size=args.batch_size,
                       max_steps=args.steps, epochs=100, seed=args.seed,
                       targets=tuple(args.lora_targets.split(",")),
                       loraplus_ratio=args.loraplus_ratio if lora and args.loraplus_ratio > 0 else None)
     seed_everything(cfg.seed)
-    model = load_for_training(base, "sequence-classification", HeadSpec(2, ("0", "1")), cfg)
+    model = load_for_training(base, "sequence-classification", HeadSpec(2, ("0", "1"), args.pooling), cfg)
     total = sum(p.numel() for p in model.parameters())
     if lora:
         from peft import get_peft_model
@@ -191,7 +192,7 @@ def throughput_child(args: argparse.Namespace) -> dict:
 def run_child(method: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method]
     for key in ("steps", "batch_size", "lora_lr", "full_lr", "threads", "seed", "warmup", "train", "dev",
-                "throughput_steps", "lora_targets", "loraplus_ratio"):
+                "throughput_steps", "lora_targets", "loraplus_ratio", "pooling", "r", "alpha"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     what = f"{args.throughput_steps} alternating steps" if method.startswith("throughput") else f"{args.steps} steps"
     print(f"[{time.strftime('%H:%M:%S')}] {method}: {what} ...", file=sys.stderr, flush=True)
@@ -256,6 +257,11 @@ def main() -> None:
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--lora-targets", default="query,value", help="LoRA target modules")
+    ap.add_argument("--r", type=int, default=8, help="LoRA rank")
+    ap.add_argument("--alpha", type=float, default=0,
+                    help="LoRA alpha (0: 2 x r, scale 2 as the paper's r=8, alpha=16)")
+    ap.add_argument("--pooling", choices=["cls", "mean"], default="mean",
+                    help="what the classifier reads, for both methods (mean: all-MiniLM-L6-v2's own pooling)")
     ap.add_argument("--loraplus-ratio", type=float, default=0, help="LoRA+ lr ratio of B over A (0: plain LoRA)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

@@ -237,6 +237,9 @@ class AdapterRecord:
     command: str | None = None
     train_args: Mapping[str, Any] = field(default_factory=dict)
     format: int = 1
+    # what the classifier reads: "cls" (transformers' head) or "mean" (edgelora.modeling_edgelora);
+    # None: a record written before pooling was recorded, which means "cls"
+    pooling: str | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, source: str) -> AdapterRecord:
@@ -248,6 +251,10 @@ class AdapterRecord:
         fp = raw.get("base_fingerprint")
         if fp is not None and not isinstance(fp, str):
             raise EdgeloraError(f"{source}: 'base_fingerprint' must be a sha256 hex string")
+        pooling = raw.get("pooling")
+        if pooling is not None and pooling not in ("cls", "mean"):
+            raise EdgeloraError(f"{source}: 'pooling' is {pooling!r:.30}; it must be \"cls\" or \"mean\" "
+                                "(what the classifier reads)")
         return cls(
             base_fingerprint=fp,
             base=raw.get("base"),
@@ -257,6 +264,7 @@ class AdapterRecord:
             command=raw.get("command"),
             train_args=dict(raw.get("train_args") or {}),
             format=int(raw.get("format", 1)),
+            pooling=pooling,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,6 +277,7 @@ class AdapterRecord:
             "metrics": dict(self.metrics),
             "command": self.command,
             "train_args": dict(self.train_args),
+            **({"pooling": self.pooling} if self.pooling is not None else {}),
         }
 
 

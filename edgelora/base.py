@@ -188,10 +188,39 @@ def quiet_transformers() -> None:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """What the task head looks like: number of labels and their names (classification only)."""
+    """What the task head looks like: number of labels, their names and what the classifier reads.
+
+    ``pooling`` (classification only): ``"cls"`` is transformers' head, the ``[CLS]`` token through the
+    base's pooler; ``"mean"`` is the masked mean of the last hidden state, what sentence-transformers
+    bases are trained to produce (``edgelora.modeling_edgelora``).
+    """
 
     num_labels: int | None = None
     labels: tuple[str, ...] | None = None
+    pooling: str = "cls"
+
+
+POOLINGS = ("cls", "mean")
+MEAN_POOLING_MODEL_TYPES = ("bert",)  # families whose classifier can read the mean (modeling_edgelora)
+
+
+def default_pooling(folder: Path) -> str:
+    """``"mean"`` for a sentence-transformers base that pools by mean, else ``"cls"``.
+
+    Such a base is recognised by its ``modules.json`` naming a ``Pooling`` module whose config sets
+    ``pooling_mode_mean_tokens``; a bare HF folder (no ``modules.json``) keeps transformers' CLS head.
+    """
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        config = json.loads((folder / str(pooling.get("path", "")) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, StopIteration, TypeError, AttributeError):
+        return "cls"
+    if not isinstance(config, dict) or not config.get("pooling_mode_mean_tokens"):
+        return "cls"
+    if read_config(folder).get("model_type") not in MEAN_POOLING_MODEL_TYPES:
+        return "cls"
+    return "mean"
 
 
 def load_model(folder: Path, task: str, head: HeadSpec | None = None,
@@ -210,6 +239,18 @@ def load_model(folder: Path, task: str, head: HeadSpec | None = None,
         if head.labels is not None:
             kwargs["id2label"] = dict(enumerate(head.labels))
             kwargs["label2id"] = {name: i for i, name in enumerate(head.labels)}
+    if head is not None and head.pooling != "cls":
+        if head.pooling not in POOLINGS:
+            raise EdgeloraError(f"pooling {head.pooling!r} is not one of {', '.join(POOLINGS)}")
+        model_type = read_config(folder).get("model_type")
+        if task != "sequence-classification" or model_type not in MEAN_POOLING_MODEL_TYPES:
+            raise EdgeloraError(
+                f"mean pooling is for sequence classification on {', '.join(MEAN_POOLING_MODEL_TYPES)} bases; "
+                f"{folder} is a {model_type} base for {task}: use --pooling cls"
+            )
+        from .modeling_edgelora import BertForSequenceClassificationMeanPooling
+
+        auto = BertForSequenceClassificationMeanPooling
     try:
         model = auto.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, KeyError) as exc:

@@ -113,6 +113,9 @@ def cli() -> None:
 @click.option("--labels", default=None, help="Comma-separated label values in class-id order (default: sorted).")
 @click.option("--label-names", default=None,
               help="Comma-separated display names for the labels, in class-id order (e.g. negative,positive).")
+@click.option("--pooling", type=click.Choice(["cls", "mean"]), default=None,
+              help="What the classifier reads: the [CLS] token through the pooler, or the mean of the token "
+                   "states (default: the base's own; mean for sentence-transformers bases such as the bundled one).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -122,8 +125,8 @@ def train(train_file: Path, output: Path, task: str, base: str | None, eval_file
           warmup_ratio: float,
           weight_decay: float, max_length: int, seed: int, threads: int | None, attention_dropout: float,
           lean_allocator: bool, text_column: str | None,
-          label_column: str, labels: str | None, label_names: str | None, force: bool, as_json: bool,
-          quiet: bool) -> None:
+          label_column: str, labels: str | None, label_names: str | None, pooling: str | None, force: bool,
+          as_json: bool, quiet: bool) -> None:
     """Train a LoRA adapter (A random, B zero, W_q/W_v by default) and write a PEFT folder."""
     from .train import TrainConfig
     from .train import train as run_train
@@ -142,7 +145,7 @@ def train(train_file: Path, output: Path, task: str, base: str | None, eval_file
         text_column=text_column, label_column=label_column,
         labels=[s.strip() for s in labels.split(",")] if labels else None,
         label_names=[s.strip() for s in label_names.split(",")] if label_names else None,
-        force=force, command="edgelora " + shlex.join(sys.argv[1:]), progress=not quiet,
+        force=force, command="edgelora " + shlex.join(sys.argv[1:]), progress=not quiet, pooling=pooling,
     )
     summary = {
         "output": str(result.output),

@@ -50,6 +50,7 @@ def describe_adapter(path: str | os.PathLike[str], *, base: str | None = None, a
         "lora_modules": len(adapter.modules),
         "ranks": sorted(set(ranks.values())),
         "modules_to_save": sorted(adapter.replacements),
+        "pooling": (record.pooling if record and record.pooling else "cls") if adapter.replacements else None,
         "trainable_parameters": adapter.num_parameters,
         "lora_parameters": lora_params,
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values()}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .base import MERGED_MARKER
 from .fsutil import atomic_output_dir
@@ -30,11 +31,28 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+MEAN_POOLING_CODE = "modeling_edgelora.py"
+
+
+def write_mean_pooling_code(config: Any, folder: Path) -> None:
+    """Make a saved mean-pooling classifier load as itself: its class's code beside the weights, named in
+    ``config.json``'s ``auto_map`` (``AutoModelForSequenceClassification.from_pretrained(folder,
+    trust_remote_code=True)``). Without the code, transformers would load the weights into its CLS head."""
+    from . import modeling_edgelora
+
+    shutil.copy2(modeling_edgelora.__file__, folder / MEAN_POOLING_CODE)
+    cls = modeling_edgelora.BertForSequenceClassificationMeanPooling.__name__
+    config.architectures = [cls]
+    config.auto_map = {"AutoModelForSequenceClassification": f"{Path(MEAN_POOLING_CODE).stem}.{cls}"}
+    setattr(config, modeling_edgelora.POOLING_CONFIG_FIELD, "mean")
+
+
 def write_merged_model(prepared: Prepared, output: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Merge in fp32 and save with ``save_pretrained`` (safetensors) plus the base's tokenizer.
 
     The saved ``config.json`` records which adapter was merged, so the folder is never used as a
-    base for another merge (that would add a second ΔW on top of the first).
+    base for another merge (that would add a second ΔW on top of the first). A mean-pooling classifier
+    also gets its class's code (:func:`write_mean_pooling_code`).
     """
     model = prepared.model
     merge_into_model(model, prepared.plan)
@@ -48,6 +66,8 @@ def write_merged_model(prepared: Prepared, output: str | os.PathLike[str], *, fo
         },
     )
     with atomic_output_dir(output, force=force) as tmp:
+        if prepared.head.pooling == "mean":
+            write_mean_pooling_code(model.config, tmp)
         model.save_pretrained(str(tmp), safe_serialization=True)
         copy_tokenizer(prepared.base_path, tmp)
     return Path(output)

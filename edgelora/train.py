@@ -23,9 +23,11 @@ from . import data as data_mod
 from .adapter import AdapterRecord, write_record
 from .base import (
     DEFAULT_BASE_NAME,
+    POOLINGS,
     TASKS,
     HeadSpec,
     bundled_base_path,
+    default_pooling,
     fingerprint,
     load_model,
     read_config,
@@ -403,8 +405,13 @@ def train(  # noqa: C901
     force: bool = False,
     command: str | None = None,
     progress: bool = True,
+    pooling: str | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter and write it (PEFT folder + edgelora.json) to ``output`` atomically."""
+    """Train a LoRA adapter and write it (PEFT folder + edgelora.json) to ``output`` atomically.
+
+    ``pooling`` (classification): what the classifier reads, ``"cls"`` or ``"mean"``; None picks the base's own
+    (:func:`edgelora.base.default_pooling`: mean for a sentence-transformers base that pools by mean).
+    """
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
@@ -414,6 +421,10 @@ def train(  # noqa: C901
         raise EdgeloraError("pass either --eval FILE or --val-fraction, not both")
     check_output_dir(Path(output), force)  # fail before minutes of training, not after
     base_path = resolve_base(base)
+    if pooling is not None and pooling not in POOLINGS:
+        raise EdgeloraError(f"--pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+    if pooling is not None and task != "sequence-classification":
+        raise EdgeloraError(f"--pooling is for sequence classification; --task {task} has no classifier to feed")
     base_name = DEFAULT_BASE_NAME if base_path == bundled_base_path() else str(base)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -450,7 +461,7 @@ def train(  # noqa: C901
                     f"({', '.join(names)}); give one name per label, in that order"
                 )
             names = list(label_names)  # display names, in label-id order; the files keep their values
-        head = HeadSpec(len(names), tuple(names))
+        head = HeadSpec(len(names), tuple(names), pooling or default_pooling(base_path))
 
         def collate(b: Sequence[Item]) -> dict[str, torch.Tensor]:
             return collate_classification(b, pad_id)
@@ -497,6 +508,7 @@ def train(  # noqa: C901
                  "eval_examples": len(eval_items) if eval_items else 0, "seconds": round(seconds, 1),
                  "trainable_parameters": trainable, "total_parameters": total_params},
         command=command,
+        pooling=head.pooling if task == "sequence-classification" else None,
         train_args={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                     "train_file": Path(train_file).name, "eval_file": Path(eval_file).name if eval_file else None,
                     "val_fraction": val_fraction},

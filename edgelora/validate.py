@@ -150,8 +150,9 @@ def infer_head(adapter: Adapter, folder: Path, task: str) -> HeadSpec:
     """
     if task not in ("sequence-classification", "token-classification"):
         return HeadSpec()
+    pooling = (adapter.record.pooling if adapter.record is not None else None) or "cls"
     if adapter.record is not None and adapter.record.labels:
-        return HeadSpec(len(adapter.record.labels), tuple(adapter.record.labels))
+        return HeadSpec(len(adapter.record.labels), tuple(adapter.record.labels), pooling)
     import transformers
 
     from .base import TASKS, quiet_transformers
@@ -172,5 +173,5 @@ def infer_head(adapter: Adapter, folder: Path, task: str) -> HeadSpec:
         and tuple(v.shape[1:]) == shapes[k][1:]
     }
     if len(sizes) == 1:
-        return HeadSpec(sizes.pop())
-    return HeadSpec(default)
+        return HeadSpec(sizes.pop(), pooling=pooling)
+    return HeadSpec(default, pooling=pooling)

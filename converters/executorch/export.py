@@ -102,6 +102,11 @@ def check_request(ctx: Any) -> None:
                                 f"{where} needs exactly one Linear head (weight and bias)")
     if len({next(iter(p.plan.replacements)).rpartition(".")[0] for p in ctx.prepared.values()}) != 1:
         raise EdgeloraError(f"the adapters train different head modules; {where} needs one head module for all")
+    poolings = {name: p.head.pooling for name, p in ctx.prepared.items()}
+    if len(set(poolings.values())) != 1:
+        listed = ", ".join(f"{n}: {v}" for n, v in poolings.items())
+        raise EdgeloraError(f"the adapters' heads read different poolings ({listed}); {where} runs every task on "
+                            "one branch program, so export the cls and mean tasks separately")
     if len({tuple(sorted(t.module for t in p.plan.targets)) for p in ctx.prepared.values()}) != 1:
         raise EdgeloraError(f"the adapters target different modules; {where} runs every task on one branch "
                             "program, so give them the same target_modules")
@@ -188,7 +193,7 @@ def build_programs(ctx: Any) -> None:
         head = _head(prep)[1]
         task_labels = prep.head.labels if prep.head.labels else None
         write_delta(ctx.out / delta_path(name), _modules(prep), head, ctx.base_fingerprint,
-                    list(task_labels) if task_labels else None)
+                    list(task_labels) if task_labels else None, prep.head.pooling)
         st.tasks[name] = TaskState(int(head["weight"].shape[0]), merged_program_path(name), delta_path(name))
 
 
@@ -356,6 +361,7 @@ def write_outputs(ctx: Any) -> None:
                        "shape": [ctx.target.shapes.batch, ctx.target.shapes.sequence]},
                 "branches": {"program": BRANCH_PROGRAM, "modules": st.order, "ranks": st.ranks,
                              "head": st.head, "labels": st.labels,
+                             "pooling": next(iter(ctx.prepared.values())).head.pooling,
                              "feeds": "per module A^T (in, r), (s*B)^T (r, out), zero-padded to r; then head "
                                       "weight^T (in, labels) and bias (labels), zero-padded; logits cut to the "
                                       "task's labels"},

@@ -272,7 +272,8 @@ class OnnxRuntimeBackend:
         return task_patch_reason(lora_kinds, dora, bias, head, headless)
 
     def bake_patched(self, plan: PatchPlan, weights: Mapping[str, np.ndarray], modules: Mapping[str, DeltaModule],
-                     layouts: Mapping[str, str], head: Mapping[str, np.ndarray] | None, dst: Path) -> None:
+                     layouts: Mapping[str, str], head: Mapping[str, np.ndarray] | None, dst: Path,
+                     pooling: str = "cls") -> None:
         """The task engine ``dst`` (beside the base engine): the base engine's graph with the task's weights
         patched in, inline (and its classifier, for a headless encoder); every other weight is read from the
         base engine's data file, so a task costs its changed weights on disk, not a copy of the model."""
@@ -282,7 +283,8 @@ class OnnxRuntimeBackend:
 
         if dst.parent != plan.data.parent:
             raise ValueError(f"{dst}: a patched engine must sit beside {plan.data.name}")  # layout.task_engine_path
-        onnx.save(patch(plan.model, plan.encodings, weights, plan.locations, modules, layouts, head), str(dst))
+        onnx.save(patch(plan.model, plan.encodings, weights, plan.locations, modules, layouts, head, pooling),
+                  str(dst))
 
     def write_task_adapter(self, path: Path, modules: Mapping[str, DeltaModule], branches: LoraGraph) -> None:
         """The task as ONNX Runtime adapter parameters (``onnxruntime.AdapterFormat``) for base/lora.onnx:

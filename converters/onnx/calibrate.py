@@ -50,6 +50,7 @@ class Check:
     feeds: Sequence[Mapping[str, np.ndarray]]
     modules: Mapping[str, DeltaModule]
     head: Mapping[str, np.ndarray]
+    pooling: str = "cls"  # what the head reads (edgelora.base.HeadSpec)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ class _Checks:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(patch(model, enc, self.weights, self.locations, check.modules, {}, check.head)
+        sess = ort.InferenceSession(patch(model, enc, self.weights, self.locations, check.modules, {}, check.head,
+                                          check.pooling)
                                     .SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return [sess.run(["logits"], _feeds(sess, feeds))[0].argmax(-1) for feeds in check.feeds]
 

@@ -76,10 +76,21 @@ class _ClassicBert(torch.nn.Module):
             context = context.view(context.size()[:-2] + (heads * head_dim,))
             attended = layer.attention.output(context, hidden)
             hidden = layer.output(layer.intermediate(attended), attended)
+        if self.head and _mean_pooling(self.model):
+            from edgelora.modeling_edgelora import mean_pool
+
+            return self.model.classifier(mean_pool(hidden, attention_mask))
         pooled = self.bert.pooler(hidden) if self.bert.pooler is not None else None
         if self.head:
             return self.model.classifier(pooled)
         return (hidden, pooled) if pooled is not None else (hidden,)
+
+
+def _mean_pooling(model: torch.nn.Module) -> bool:
+    """Whether the model's classifier reads the mean of the token states (``edgelora.modeling_edgelora``)."""
+    from edgelora.modeling_edgelora import BertForSequenceClassificationMeanPooling
+
+    return isinstance(model, BertForSequenceClassificationMeanPooling)
 
 
 def _classic_bert_applies(model: torch.nn.Module, head: bool) -> bool:

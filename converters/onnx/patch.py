@@ -133,10 +133,11 @@ def task_patch_reason(lora_kinds: Mapping[str, str], dora: bool, bias: bool, hea
 
 def patch(model: Any, encs: Mapping[str, Encoding], fp32_weights: Mapping[str, np.ndarray],
           locations: Mapping[str, WeightLocation], modules: Mapping[str, DeltaModule], layouts: Mapping[str, str],
-          head: Mapping[str, np.ndarray] | None) -> Any:
+          head: Mapping[str, np.ndarray] | None, pooling: str = "cls") -> Any:
     """A copy of ``model`` with every initializer the task touches re-encoded from ``W0 + s·B·A`` (fp32, ΔW in
-    the module's layout), stored inline, and, for a headless encoder, the classifier on ``pooler_output`` as
-    the ``logits``. Initializers it does not touch keep their references into the base engine's data file."""
+    the module's layout), stored inline, and, for a headless encoder, the classifier on ``pooler_output`` (or,
+    with ``pooling="mean"``, on the masked mean of ``last_hidden_state``) as the ``logits``. Initializers it
+    does not touch keep their references into the base engine's data file."""
     import onnx
 
     task = onnx.ModelProto()
@@ -154,7 +155,7 @@ def patch(model: Any, encs: Mapping[str, Encoding], fp32_weights: Mapping[str, n
         for init_name, array in zip(encs[name].names, encode(encs[name], w), strict=True):
             _replace(inits[init_name], array)
     if head:
-        _add_classifier(task, head)
+        _add_classifier(task, head, pooling)
     return task
 
 
@@ -167,24 +168,47 @@ def _replace(init: Any, array: np.ndarray) -> None:
     init.CopyFrom(new)
 
 
-def _add_classifier(model: Any, head: Mapping[str, np.ndarray]) -> None:
-    """``logits = pooler_output @ Wᵀ + b`` (BertForSequenceClassification's head, dropout off), the only output."""
+def _add_classifier(model: Any, head: Mapping[str, np.ndarray], pooling: str = "cls") -> None:
+    """``logits = pooled @ Wᵀ + b`` (dropout off), the only output. ``pooled`` is ``pooler_output``
+    (BertForSequenceClassification's head) or, with ``pooling="mean"``, the masked mean of ``last_hidden_state``
+    (``edgelora.modeling_edgelora``): ``Σ_t mask·h / max(Σ_t mask, 1)``."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     w = np.asarray(head["classifier.weight"], np.float32)
-    inputs = ["pooler_output", "classifier.weight"]
+    pooled = "pooler_output" if pooling == "cls" else _add_mean_pool(graph)
+    inputs = [pooled, "classifier.weight"]
     graph.initializer.append(numpy_helper.from_array(w, "classifier.weight"))
     if "classifier.bias" in head:
         graph.initializer.append(numpy_helper.from_array(np.asarray(head["classifier.bias"], np.float32),
                                                          "classifier.bias"))
         inputs.append("classifier.bias")
     graph.node.append(helper.make_node("Gemm", inputs, ["logits"], name="/classifier/Gemm", transB=1))
-    batch = next((o.type.tensor_type.shape.dim[0] for o in graph.output if o.name == "pooler_output"), None)
+    batch = next((o.type.tensor_type.shape.dim[0] for o in graph.output if o.name == "last_hidden_state"), None)
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch.dim_param or batch.dim_value
                                                                       if batch is not None else "batch", w.shape[0]])
     del graph.output[:]
     graph.output.append(out)
+
+
+def _add_mean_pool(graph: Any) -> str:
+    """Nodes computing the masked mean of ``last_hidden_state`` over the sequence; returns its name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    p = "/mean_pool/"
+    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), p + "seq_axis"),
+                              numpy_helper.from_array(np.array([-1], np.int64), p + "last_axis"),
+                              numpy_helper.from_array(np.array(1.0, np.float32), p + "one")])
+    graph.node.extend([
+        helper.make_node("Cast", ["attention_mask"], [p + "mask"], name=p + "Cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [p + "mask", p + "last_axis"], [p + "mask3"], name=p + "Unsqueeze"),
+        helper.make_node("Mul", ["last_hidden_state", p + "mask3"], [p + "masked"], name=p + "Mul"),
+        helper.make_node("ReduceSum", [p + "masked", p + "seq_axis"], [p + "sum"], name=p + "ReduceSum", keepdims=0),
+        helper.make_node("ReduceSum", [p + "mask3", p + "seq_axis"], [p + "count"], name=p + "Count", keepdims=0),
+        helper.make_node("Max", [p + "count", p + "one"], [p + "count1"], name=p + "Max"),
+        helper.make_node("Div", [p + "sum", p + "count1"], [p + "pooled"], name=p + "Div"),
+    ])
+    return p + "pooled"
 
 
 def _array(init: Any, folder: Path) -> np.ndarray:

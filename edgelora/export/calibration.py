@@ -67,7 +67,7 @@ def calibration_files(calibrate: Mapping[str, Path], tasks: list[str]) -> dict[s
 def build_calibration(texts: Mapping[str, list[str]], tasks: Mapping[str, tuple[Any, Any]],
                       w0: Mapping[str, np.ndarray], tokenizer: Any, q: Any, sequence: int) -> Any:
     """The ``CalibrationSet``: calibration batches from every task's texts; one check per task with a head
-    (``tasks``: name -> (its LoRA modules, its head tensors))."""
+    (``tasks``: name -> (its LoRA modules, its head tensors, what its head reads))."""
     from ..converters.onnx.calibrate import CalibrationSet, Check
 
     batches: list[dict[str, np.ndarray]] = []
@@ -85,10 +85,10 @@ def build_calibration(texts: Mapping[str, list[str]], tasks: Mapping[str, tuple[
         # MinMax measured worse at each text's own length (W1: SST-2's long-text check agreement 0.93 vs 0.957
         # before the pass): the padded positions' wider ranges cover the long inputs a phrase-heavy sample lacks
         batches += [_encode(tokenizer, cal[i:i + BATCH], sequence, fixed=True) for i in range(0, len(cal), BATCH)]
-        modules, head = tasks[name]
+        modules, head, pooling = tasks[name]
         if head:
             feeds = [_encode(tokenizer, held[i:i + 32], sequence, fixed=False) for i in range(0, len(held), 32)]
-            checks.append(Check(name, feeds, modules, head))
+            checks.append(Check(name, feeds, modules, head, pooling))
     return CalibrationSet(batches, tuple(checks), dict(w0))
 
 

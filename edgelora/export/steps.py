@@ -24,6 +24,7 @@ from __future__ import annotations
 import platform
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,8 @@ def _delta(ctx: ExportContext, name: str, p: Prepared) -> TaskResult:
     ctx.step(f"task {name}: delta")
     modules, head, reason = _delta_for(p)
     task = TaskResult(name, p, modules, head, reason)
-    write_delta(ctx.out / delta_path(name), modules, head, ctx.base_fingerprint, p.head.labels if head else None)
+    write_delta(ctx.out / delta_path(name), modules, head, ctx.base_fingerprint, p.head.labels if head else None,
+                _pooling(p, head))
     branches = _base(ctx).branches
     if branches is not None and reason is None:
         ctx.backend.write_task_adapter(ctx.out / ort_adapter_path(name), modules, branches)
@@ -233,7 +235,7 @@ def _bake(ctx: ExportContext, task: TaskResult) -> None:
     if reason is None:
         ctx.step(f"task {task.name}: engine (base engine patched)")
         ctx.backend.bake_patched(base.patch, base.weights, task.modules, base.layouts,
-                                 task.head if ctx.headless and task.head else None, dst)
+                                 task.head if ctx.headless and task.head else None, dst, _pooling(p, task.head))
         spec = dict(base.build.spec)
         if ctx.headless and task.head:
             spec |= {"kind": "sequence-classification", "outputs": ["logits"]}
@@ -471,7 +473,7 @@ def _entry(t: TaskResult) -> TaskEntry:
         scale=tuple(sorted({x.lora.scale for x in p.plan.targets})),
         targets=tuple(sorted({x.module.rsplit(".", 1)[-1] for x in p.plan.targets})),
         modules={x.module: ModuleInfo(x.lora.rank, x.lora.scale) for x in p.plan.targets},
-        head=tuple(sorted(t.head)), ort_adapter=t.ort_adapter)
+        head=tuple(sorted(t.head)), ort_adapter=t.ort_adapter, pooling=_pooling(p, t.head))
 
 
 def _io(spec: dict[str, Any]) -> EngineIO:
@@ -514,6 +516,11 @@ def _w0(ctx: ExportContext) -> dict[str, np.ndarray]:
     return w0
 
 
+def _pooling(p: Prepared, head: Mapping[str, np.ndarray]) -> str:
+    """What the task's classifier reads ("cls" for a task without one: nothing reads anything)."""
+    return p.head.pooling if "classifier.weight" in head else "cls"
+
+
 def _delta_for(p: Prepared) -> tuple[dict[str, DeltaModule], dict[str, np.ndarray], str | None]:
     """(modules, head tensors, reason it cannot be swapped on a device or None).
 
@@ -548,7 +555,7 @@ def _static(ctx: ExportContext) -> bool:
 
 def _calibration(ctx: ExportContext) -> Any:
     """The calibration set of a static int8 base: every task's texts; each task checked with its LoRA and head."""
-    tasks = {name: _delta_for(p)[:2] for name, p in ctx.prepared.items()}
+    tasks = {name: (*_delta_for(p)[:2], p.head.pooling) for name, p in ctx.prepared.items()}
     return build_calibration(ctx.calibration_texts, tasks, _w0(ctx), _tokenizer(ctx), ctx.target.quantization,
                              ctx.target.shapes.sequence)
 

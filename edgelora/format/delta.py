@@ -2,7 +2,9 @@
 
 A delta holds, in float32: ``{module}.lora_A`` (r, in) and ``{module}.lora_B`` (out, r) per LoRA module and
 ``head.{name}`` per head tensor; its metadata holds the format, the fingerprint of the base it was made for,
-the scale of each module (JSON) and the head's label names (JSON). :func:`parse_delta` checks the file's
+the scale of each module (JSON), the head's label names (JSON) and, for a classifier that reads the mean of
+the token states, ``pooling = "mean"`` (format 4: a reader that does not know pooling refuses the file
+rather than feeding the head the wrong vector). :func:`parse_delta` checks the file's
 structure (safetensors layout, metadata types, float32 only, every tensor accounted for); what it must fit
 (a deployment's base, shapes, finiteness) is checked by the runtime's store against the manifest.
 """
@@ -23,7 +25,9 @@ from ..lora import DeltaModule
 from .manifest import FORMAT_VERSION
 from .safetensors import parse
 
-DELTA_FORMATS = ("2", "3")  # 3 adds the task's label names; both store float32 A, B and head tensors
+DELTA_FORMATS = ("2", "3", "4")  # 3 adds the task's label names, 4 the head's pooling; all store float32
+POOLINGS = ("cls", "mean")  # what a classification head reads (edgelora.base.HeadSpec)
+MEAN_POOLING_FORMAT = "4"
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,11 @@ class Delta:
     head: dict[str, np.ndarray]
     base_fingerprint: str
     labels: list[str] | None
+    pooling: str = "cls"
 
 
 def write_delta(path: Path, modules: Mapping[str, DeltaModule], head: Mapping[str, np.ndarray],
-                base_fingerprint: str, labels: Sequence[str] | None = None) -> None:
+                base_fingerprint: str, labels: Sequence[str] | None = None, pooling: str = "cls") -> None:
     """A, B in fp32 under ``{module}.lora_A`` / ``.lora_B``; head tensors under ``head.{name}``;
     the scales, the fingerprint of the base it was trained on and the head's label names in the metadata
     (a delta carries everything the runtime needs to run and label its task)."""
@@ -49,6 +54,8 @@ def write_delta(path: Path, modules: Mapping[str, DeltaModule], head: Mapping[st
             "scales": json.dumps({n: m.scale for n, m in sorted(modules.items())}, sort_keys=True)}
     if labels is not None:
         meta["labels"] = json.dumps(list(labels))
+    if pooling != "cls":  # a CLS delta stays the format-3 file every runtime since reads
+        meta |= {"format": MEAN_POOLING_FORMAT, "pooling": pooling}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_float32_safetensors(tensors, path, meta)
 
@@ -57,6 +64,11 @@ def read_delta(path: Path) -> tuple[dict[str, DeltaModule], dict[str, np.ndarray
     """(modules, head tensors) of a delta file this edgelora wrote (tools and tests; the runtime validates more)."""
     delta = parse_delta(path.read_bytes(), str(path))
     return delta.modules, delta.head
+
+
+def read_delta_pooling(path: Path) -> str:
+    """What the head of a delta file reads: ``"cls"`` or ``"mean"``."""
+    return parse_delta(path.read_bytes(), str(path)).pooling
 
 
 def parse_delta(data: Any, where: str) -> Delta:
@@ -89,7 +101,13 @@ def parse_delta(data: Any, where: str) -> Delta:
     labels = _json_meta(meta, "labels", list, where)
     if labels is not None and not all(isinstance(x, str) for x in labels):
         raise DeltaError(f"{where}: metadata 'labels' must be a list of strings; re-export the task")
-    return Delta(modules, head, fingerprint, labels)  # type: ignore[arg-type]
+    pooling = meta.get("pooling", "cls")
+    if pooling not in POOLINGS or (pooling != "cls") != (meta["format"] == MEAN_POOLING_FORMAT):
+        raise DeltaError(f"{where}: metadata pooling {pooling!r:.20} with format {meta['format']!r}; format "
+                         f"{MEAN_POOLING_FORMAT} deltas say pooling 'mean', others none; re-export the task")
+    if pooling != "cls" and "classifier.weight" not in head:
+        raise DeltaError(f"{where}: pooling {pooling!r} but no head.classifier.weight to read it; re-export the task")
+    return Delta(modules, head, fingerprint, labels, pooling)  # type: ignore[arg-type]
 
 
 def _json_meta(meta: Mapping[str, str], key: str, kind: type, where: str) -> Any:

@@ -192,13 +192,14 @@ class TaskEntry:
     modules: Mapping[str, ModuleInfo] = field(default_factory=dict)
     head: tuple[str, ...] = ()
     ort_adapter: str | None = None
+    pooling: str = "cls"  # what the head reads: "cls" (pooler_output) or "mean" (of last_hidden_state)
 
     def to_json(self) -> dict[str, Any]:
         return {"adapter_hash": self.adapter_hash, "adapter_path": self.adapter_path,
                 "labels": list(self.labels) if self.labels is not None else None, "num_labels": self.num_labels,
                 "rank": self.rank, "scale": list(self.scale), "targets": list(self.targets),
                 "modules": {m: {"rank": i.rank, "scale": i.scale} for m, i in self.modules.items()},
-                "head": list(self.head), "delta": self.delta, "ort_adapter": self.ort_adapter,
+                "head": list(self.head), "pooling": self.pooling, "delta": self.delta, "ort_adapter": self.ort_adapter,
                 "swappable": self.swappable, "not_swappable_reason": self.not_swappable_reason,
                 "engine": self.engine, **({"engine_io": self.engine_io.to_json()} if self.engine_io else {})}
 
@@ -410,7 +411,9 @@ def _task(name: str, f: _Fields) -> TaskEntry:
                          number[0](x) for x in v), "a list of numbers", optional=True, default=[])),
                      tuple(f.get("targets", *strings, optional=True, default=[])), modules,
                      tuple(f.get("head", *strings, optional=True, default=[])),
-                     f.path("ort_adapter") if f.has("ort_adapter") else None)
+                     f.path("ort_adapter") if f.has("ort_adapter") else None,
+                     f.get("pooling", lambda v: v in ("cls", "mean"), '"cls" or "mean"', optional=True,
+                           default="cls"))
 
 
 def _check_listed(m: Manifest, where: str) -> None:

@@ -153,6 +153,9 @@ class Runtime:
             if entry.labels is not None and delta.labels is not None and delta.labels != entry.labels:
                 raise DeploymentError(f"{folder / entry.delta}: its labels {list(delta.labels or [])} differ from "
                                       f"the manifest's for task {name!r} {list(entry.labels)}; re-export the folder")
+            if delta.pooling != entry.pooling:
+                raise DeploymentError(f"{folder / entry.delta}: its head reads {delta.pooling} pooling, the manifest "
+                                      f"says {entry.pooling} for task {name!r}; re-export the folder")
         self._slots = SlotPool(self._swap, self._cond) if self._swap is not None else None
         self._base_feeds = stacked_feeds([], self._dims) if self.mode == "unmerged" else None
         self._state = _State(None, slot=0 if self._swap else None, feeds=self._base_feeds)
@@ -390,7 +393,7 @@ class Runtime:
             extra = self._swap.slots[state.slot].arrays  # type: ignore[union-attr]
         out = self._session_run(self._session, {**feeds, **extra}, self._outputs)
         if self.headless and state.delta is not None and state.delta.head:
-            return apply_head(state.delta.head, out, feeds["attention_mask"])
+            return apply_head(state.delta.head, out, feeds["attention_mask"], state.delta.pooling)
         return out
 
     def _branch_feeds(self, delta: TaskDelta) -> dict[str, np.ndarray]:
@@ -438,7 +441,8 @@ class Runtime:
         if not (self.headless and any(d.head for d in deltas)):
             return out
         per_row = [apply_head(deltas[names.index(t)].head, {k: v[i:i + 1] for k, v in out.items()},
-                              feeds["attention_mask"][i:i + 1]) for i, t in enumerate(tasks)]
+                              feeds["attention_mask"][i:i + 1], deltas[names.index(t)].pooling)
+                   for i, t in enumerate(tasks)]
         width = max(r["logits"].shape[1] for r in per_row)
         logits = np.full((rows, width), -np.inf, np.float32)  # tasks with fewer labels: -inf, argmax-safe
         for i, r in enumerate(per_row):

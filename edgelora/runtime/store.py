@@ -40,6 +40,7 @@ class TaskDelta:
     # the task's swapped weights in their int8 encoding (input name -> array), filled by its first rebuild: a later
     # switch to the task copies them instead of re-quantizing (``swap.SwapWeights.build``); lives and dies with it
     encoded: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    pooling: str = "cls"  # what the classifier reads: "cls" (pooler_output) or "mean" (of last_hidden_state)
 
     @property
     def head_rows(self) -> int | None:
@@ -71,7 +72,7 @@ def parse_task_delta(name: str, data: bytes, where: str, rules: DeltaRules,
         raise DeltaError(f"{where}: {len(names)} label names for a head of {rows or 'no'} outputs; give one "
                          "name per output")
     return TaskDelta(name, where, delta.modules, delta.head, tuple(names) if names is not None else None,
-                     hashlib.sha256(data).hexdigest())
+                     hashlib.sha256(data).hexdigest(), pooling=delta.pooling)
 
 
 def _check_module(module: str, d: DeltaModule, dims: Mapping[str, tuple[int, int]], where: str) -> None:
