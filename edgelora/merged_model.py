@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from .base import MERGED_MARKER
 from .fsutil import atomic_output_dir
@@ -34,17 +33,24 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 MEAN_POOLING_CODE = "modeling_edgelora.py"
 
 
-def write_mean_pooling_code(config: Any, folder: Path) -> None:
+def write_mean_pooling_code(folder: Path) -> None:
     """Make a saved mean-pooling classifier load as itself: its class's code beside the weights, named in
-    ``config.json``'s ``auto_map`` (``AutoModelForSequenceClassification.from_pretrained(folder,
-    trust_remote_code=True)``). Without the code, transformers would load the weights into its CLS head."""
-    from . import modeling_edgelora
+    ``config.json``'s ``auto_map`` under its own ``model_type``, so that
+    ``AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`` runs the mean
+    and transformers refuses the folder without ``trust_remote_code`` (it would run its CLS head)."""
+    import json
 
-    shutil.copy2(modeling_edgelora.__file__, folder / MEAN_POOLING_CODE)
-    cls = modeling_edgelora.BertForSequenceClassificationMeanPooling.__name__
-    config.architectures = [cls]
-    config.auto_map = {"AutoModelForSequenceClassification": f"{Path(MEAN_POOLING_CODE).stem}.{cls}"}
-    setattr(config, modeling_edgelora.POOLING_CONFIG_FIELD, "mean")
+    from . import modeling_edgelora as m
+
+    shutil.copy2(m.__file__, folder / MEAN_POOLING_CODE)
+    module = Path(MEAN_POOLING_CODE).stem
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config |= {"model_type": m.MERGED_MODEL_TYPE, "architectures": [m.MergedBertMeanPooling.__name__],
+               "auto_map": {"AutoConfig": f"{module}.{m.BertMeanPoolingConfig.__name__}",
+                            "AutoModelForSequenceClassification": f"{module}.{m.MergedBertMeanPooling.__name__}"},
+               m.POOLING_CONFIG_FIELD: "mean"}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_merged_model(prepared: Prepared, output: str | os.PathLike[str], *, force: bool = False) -> Path:
@@ -66,8 +72,8 @@ def write_merged_model(prepared: Prepared, output: str | os.PathLike[str], *, fo
         },
     )
     with atomic_output_dir(output, force=force) as tmp:
-        if prepared.head.pooling == "mean":
-            write_mean_pooling_code(model.config, tmp)
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if prepared.head.pooling == "mean":
+            write_mean_pooling_code(tmp)
         copy_tokenizer(prepared.base_path, tmp)
     return Path(output)

@@ -11,11 +11,13 @@ head; only the forward differs:
     logits = classifier(dropout(pooled))
 
 This file imports only torch and transformers. ``edgelora merge`` copies it verbatim into a merged
-folder as ``modeling_edgelora.py`` and names it in ``config.json``'s ``auto_map``, so that
+folder as ``modeling_edgelora.py``, names :class:`MergedBertMeanPooling` and its config in ``config.json``'s
+``auto_map`` and gives the folder the ``model_type`` ``"bert-mean-pooling"``, so that
 
     AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
 
-loads the merged model with this forward.
+loads the merged model with this forward, and loading it without ``trust_remote_code`` is refused by
+transformers (an unknown model type with custom code) instead of silently running the CLS head.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import Any
 
 import torch
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from transformers import BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 POOLING_CONFIG_FIELD = "edgelora_pooling"
+MERGED_MODEL_TYPE = "bert-mean-pooling"
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -81,3 +84,16 @@ class BertForSequenceClassificationMeanPooling(BertForSequenceClassification):
                 loss = BCEWithLogitsLoss()(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         attentions=outputs.attentions)
+
+
+class BertMeanPoolingConfig(BertConfig):
+    """BERT's config under its own ``model_type``: a merged mean-pooling folder that transformers cannot map
+    to its own classes (so it never runs the CLS head on these weights)."""
+
+    model_type = MERGED_MODEL_TYPE
+
+
+class MergedBertMeanPooling(BertForSequenceClassificationMeanPooling):
+    """What a merged folder loads as (``auto_map``): the same forward, under :class:`BertMeanPoolingConfig`."""
+
+    config_class = BertMeanPoolingConfig

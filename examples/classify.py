@@ -16,7 +16,9 @@ def main(folder: str, sentences: list[str]) -> None:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    # trust_remote_code: a classifier that reads the mean of the token states (the bundled base's pooling) comes
+    # with its class, modeling_edgelora.py, written into the folder by `edgelora merge` (read it there)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.inference_mode():
         probs = model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits.softmax(-1)
     for sentence, p in zip(sentences, probs, strict=True):

@@ -96,8 +96,10 @@ def test_mean_adapter_is_recorded_reloads_and_merges_to_a_folder_transformers_lo
     assert cli("merge", "--base", st_base, "--adapter", path, "-o", tmp_path / "m").code == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForSequenceClassification"].startswith("modeling_edgelora.")
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never transformers' CLS head on these weights
+        AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m"))
     loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m"), trust_remote_code=True).eval()
-    assert type(loaded).__name__ == "BertForSequenceClassificationMeanPooling"
+    assert type(loaded).__name__ == "MergedBertMeanPooling"
     assert loaded.config.id2label == {0: "neg", 1: "pos"}
     with torch.no_grad():
         np.testing.assert_allclose(loaded(input_ids=ids, attention_mask=mask).logits.double().numpy(),
