@@ -263,44 +263,44 @@ def _lora_name(args: argparse.Namespace) -> str:
 
 
 def report(lora: dict, full: dict, speed: list[dict], args: argparse.Namespace) -> dict:
+    """The comparison table; ``speed`` is empty with ``--no-throughput`` (no step-time rows)."""
     mb = 1024 * 1024
-    lean, default = speed
     data = Path(args.train).parent.name
-    summary = {
-        "workload": _workload(args),
-        "lora_config": _lora_name(args),
-        "lora": lora,
-        "full": full,
-        "throughput": speed,
-        "ratios": {
-            "trainable_fraction": lora["trainable_parameters"] / full["trainable_parameters"],
-            "train_memory_lora_over_full": lora["train_memory_bytes"] / full["train_memory_bytes"],
-            "peak_rss_lora_over_full": lora["peak_rss_bytes"] / full["peak_rss_bytes"],
-            "step_throughput_lora_over_full": lean["full_median_step_s"] / lean["lora_median_step_s"],
-            "step_throughput_lora_over_full_glibc_default": (
-                default["full_median_step_s"] / default["lora_median_step_s"]),
-            "accuracy_lora_minus_full_points": 100 * (lora["dev_accuracy"] - full["dev_accuracy"]),
-        },
+    ratios = {
+        "trainable_fraction": lora["trainable_parameters"] / full["trainable_parameters"],
+        "train_memory_lora_over_full": lora["train_memory_bytes"] / full["train_memory_bytes"],
+        "peak_rss_lora_over_full": lora["peak_rss_bytes"] / full["peak_rss_bytes"],
+        "accuracy_lora_minus_full_points": 100 * (lora["dev_accuracy"] - full["dev_accuracy"]),
     }
-    r = summary["ratios"]
     rows = [
         ("trainable parameters", f"{lora['trainable_parameters']:,}", f"{full['trainable_parameters']:,}",
-         f"{100 * r['trainable_fraction']:.3f}% (goal ≤ 0.5%)"),
+         f"{100 * ratios['trainable_fraction']:.3f}% (goal ≤ 0.5%)"),
         ("training memory (peak - loaded)", f"{lora['train_memory_bytes'] / mb:.0f} MB",
-         f"{full['train_memory_bytes'] / mb:.0f} MB", f"{r['train_memory_lora_over_full']:.2f}x (goal ≤ 0.6)"),
+         f"{full['train_memory_bytes'] / mb:.0f} MB", f"{ratios['train_memory_lora_over_full']:.2f}x (goal ≤ 0.6)"),
         ("whole-process peak RSS", f"{lora['peak_rss_bytes'] / mb:.0f} MB", f"{full['peak_rss_bytes'] / mb:.0f} MB",
-         f"{r['peak_rss_lora_over_full']:.2f}x"),
-        ("median step time", f"{1000 * lean['lora_median_step_s']:.0f} ms",
-         f"{1000 * lean['full_median_step_s']:.0f} ms",
-         f"{r['step_throughput_lora_over_full']:.2f}x faster (goal ≥ 1.25x)"),
-        ("  same, glibc default allocator", f"{1000 * default['lora_median_step_s']:.0f} ms",
-         f"{1000 * default['full_median_step_s']:.0f} ms",
-         f"{r['step_throughput_lora_over_full_glibc_default']:.2f}x faster"),
+         f"{ratios['peak_rss_lora_over_full']:.2f}x"),
+    ]
+    if speed:
+        lean, default = speed
+        ratios["step_throughput_lora_over_full"] = lean["full_median_step_s"] / lean["lora_median_step_s"]
+        ratios["step_throughput_lora_over_full_glibc_default"] = (default["full_median_step_s"]
+                                                                  / default["lora_median_step_s"])
+        rows += [
+            ("median step time", f"{1000 * lean['lora_median_step_s']:.0f} ms",
+             f"{1000 * lean['full_median_step_s']:.0f} ms",
+             f"{ratios['step_throughput_lora_over_full']:.2f}x faster (goal ≥ 1.25x)"),
+            ("  same, glibc default allocator", f"{1000 * default['lora_median_step_s']:.0f} ms",
+             f"{1000 * default['full_median_step_s']:.0f} ms",
+             f"{ratios['step_throughput_lora_over_full_glibc_default']:.2f}x faster"),
+        ]
+    rows += [
         ("wall time of the step budget", f"{lora['train_wall_s']:.0f} s", f"{full['train_wall_s']:.0f} s",
          f"{full['train_wall_s'] / lora['train_wall_s']:.2f}x (separate processes)"),
         (f"{data} validation accuracy", f"{100 * lora['dev_accuracy']:.2f}%", f"{100 * full['dev_accuracy']:.2f}%",
-         f"{r['accuracy_lora_minus_full_points']:+.2f} points (goal ≥ -1)"),
+         f"{ratios['accuracy_lora_minus_full_points']:+.2f} points (goal ≥ -1)"),
     ]
+    summary = {"workload": _workload(args), "lora_config": _lora_name(args), "lora": lora, "full": full,
+               "throughput": speed, "ratios": ratios}
     print(summary["workload"])
     print(f"LoRA: {_lora_name(args)}, lr {args.lora_lr:g}; full fine-tuning: lr {args.full_lr:g}")
     _table(("", "LoRA", "full", "LoRA vs full"), rows)
@@ -317,11 +317,16 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def study(args: argparse.Namespace) -> dict:
     """LoRA at every rank x target set on one budget, beside full fine-tuning; one child process per run."""
     full = run_child("full", args)
+    grid = [(targets, r) for targets in TARGET_SETS for r in STUDY_RANKS]
+    for extra in args.extra or []:  # "R:TARGETS", e.g. 2:all
+        r, _, targets = extra.partition(":")
+        if targets not in TARGET_SETS or not r.isdigit():
+            raise SystemExit(f"error: --extra {extra!r}; give RANK:TARGETS, TARGETS one of {', '.join(TARGET_SETS)}")
+        grid.append((targets, int(r)))
     runs = []
-    for targets in TARGET_SETS:
-        for r in STUDY_RANKS:
-            run_args = argparse.Namespace(**{**vars(args), "r": r, "lora_targets": targets})
-            runs.append((targets, r, run_child("lora", run_args)))
+    for targets, r in grid:
+        run_args = argparse.Namespace(**{**vars(args), "r": r, "lora_targets": targets})
+        runs.append((targets, r, run_child("lora", run_args)))
     mb = 1024 * 1024
     rows = []
     for targets, r, res in runs:
@@ -367,7 +372,10 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", default=None, help="also write the result JSON here")
     ap.add_argument("--results", default=None, help="keep each run's JSON in this folder and reuse it")
     ap.add_argument("--study", action="store_true", help="the rank x target study instead of one comparison")
+    ap.add_argument("--extra", action="append", metavar="R:TARGETS",
+                    help="with --study, one more LoRA configuration (e.g. 2:all); may be repeated")
     ap.add_argument("--throughput-steps", type=int, default=60, help="alternating steps per method")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the side-by-side step-time processes")
     ap.add_argument("--child", choices=["lora", "full", "throughput-lean", "throughput-default"],
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -385,7 +393,8 @@ def main() -> None:
     if args.study:
         summary = study(args)
     else:
-        speed = [run_child("throughput-lean", args), run_child("throughput-default", args)]
+        speed = [] if args.no_throughput else [run_child("throughput-lean", args),
+                                               run_child("throughput-default", args)]
         lora = run_child("lora", args)
         full = run_child("full", args)
         summary = report(lora, full, speed, args)

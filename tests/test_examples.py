@@ -6,12 +6,28 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, load_task_model, peft_reference
+from conftest import REPO, SHARED_DATA, load_task_model
 
 from edgelora.base import bundled_base_path, fingerprint
 from edgelora.data import read_classification
 
 EXAMPLES = REPO / "examples" / "adapters"
+
+
+def _peft_merged(adapter, num_labels: int) -> torch.nn.Module:
+    """The real peft library's merge of an example adapter, on the class its head needs: transformers' CLS head,
+    or, for an adapter whose edgelora.json says mean pooling, edgelora's mean-pooling BERT (same weights)."""
+    from peft import PeftModel
+
+    from edgelora.modeling_edgelora import BertForSequenceClassificationMeanPooling
+
+    pooling = json.loads((adapter / "edgelora.json").read_text()).get("pooling", "cls")
+    if pooling == "mean":
+        base = BertForSequenceClassificationMeanPooling.from_pretrained(str(bundled_base_path()),
+                                                                       num_labels=num_labels)
+    else:
+        base = load_task_model(bundled_base_path(), "SEQ_CLS", num_labels=num_labels)
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
 
 
 def test_help_lists_every_command(cli):
@@ -40,8 +56,8 @@ def test_example_adapter_inspects_and_is_small(task, labels, cli):
 def test_example_adapter_merge_matches_peft_on_the_real_base(tmp_path, cli):
     res = cli("merge", "--adapter", EXAMPLES / "sst2", "-o", tmp_path / "m", "--json")
     assert res.code == 0, res.err
-    ours = load_task_model(tmp_path / "m", "SEQ_CLS")
-    _, reference = peft_reference(bundled_base_path(), EXAMPLES / "sst2", "SEQ_CLS", num_labels=2)
+    ours = load_task_model(tmp_path / "m", "SEQ_CLS", trust_remote_code=True)  # a mean head's class is in the folder
+    reference = _peft_merged(EXAMPLES / "sst2", num_labels=2)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
@@ -58,7 +74,7 @@ def test_merged_sst2_example_classifies_dev_sentences(tmp_path, cli):
     assert cli("merge", "--adapter", EXAMPLES / "sst2", "-o", tmp_path / "m").code == 0
     from transformers import AutoTokenizer
 
-    model = load_task_model(tmp_path / "m", "SEQ_CLS")
+    model = load_task_model(tmp_path / "m", "SEQ_CLS", trust_remote_code=True)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
     rows = read_classification(SHARED_DATA / "sst2" / "dev.tsv")[:400]
     with torch.inference_mode():
