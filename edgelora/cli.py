@@ -138,14 +138,14 @@ def train(train_file: Path, output: Path, task: str, base: str | None, eval_file
         dropout=dropout, rslora=rslora, lr=lr, loraplus_ratio=loraplus_ratio, batch_size=batch_size, epochs=epochs,
         max_steps=max_steps,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_length=max_length, seed=seed, threads=threads,
-        attention_dropout=attention_dropout, lean_allocator=lean_allocator,
+        attention_dropout=attention_dropout, lean_allocator=lean_allocator, pooling=pooling,
     )
     result = run_train(
         task, train_file, output, cfg, base=base, eval_file=eval_file, val_fraction=val_fraction,
         text_column=text_column, label_column=label_column,
         labels=[s.strip() for s in labels.split(",")] if labels else None,
         label_names=[s.strip() for s in label_names.split(",")] if label_names else None,
-        force=force, command="edgelora " + shlex.join(sys.argv[1:]), progress=not quiet, pooling=pooling,
+        force=force, command="edgelora " + shlex.join(sys.argv[1:]), progress=not quiet,
     )
     summary = {
         "output": str(result.output),

@@ -66,6 +66,9 @@ class TrainConfig:
     lean_allocator: bool = True
     # LoRA+ (Hayou et al. 2024): B matrices learn ratio x faster than A. None = plain LoRA.
     loraplus_ratio: float | None = None
+    # Classification: what the classifier reads, "cls" ([CLS] through the pooler) or "mean" (the masked mean of
+    # the token states). None = the base's own (edgelora.base.default_pooling: mean for sentence-transformers).
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -85,6 +88,8 @@ class TrainConfig:
              f"--loraplus-ratio is {self.loraplus_ratio}; it must be ≥ 1"),
             (self.attention_dropout is None or 0.0 <= self.attention_dropout < 1.0,
              f"--attention-dropout is {self.attention_dropout}; it must be in [0, 1)"),
+            (self.pooling is None or self.pooling in POOLINGS,
+             f"--pooling is {self.pooling!r}; use one of {', '.join(POOLINGS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -405,13 +410,8 @@ def train(  # noqa: C901
     force: bool = False,
     command: str | None = None,
     progress: bool = True,
-    pooling: str | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter and write it (PEFT folder + edgelora.json) to ``output`` atomically.
-
-    ``pooling`` (classification): what the classifier reads, ``"cls"`` or ``"mean"``; None picks the base's own
-    (:func:`edgelora.base.default_pooling`: mean for a sentence-transformers base that pools by mean).
-    """
+    """Train a LoRA adapter and write it (PEFT folder + edgelora.json) to ``output`` atomically."""
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
@@ -421,9 +421,7 @@ def train(  # noqa: C901
         raise EdgeloraError("pass either --eval FILE or --val-fraction, not both")
     check_output_dir(Path(output), force)  # fail before minutes of training, not after
     base_path = resolve_base(base)
-    if pooling is not None and pooling not in POOLINGS:
-        raise EdgeloraError(f"--pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
-    if pooling is not None and task != "sequence-classification":
+    if cfg.pooling is not None and task != "sequence-classification":
         raise EdgeloraError(f"--pooling is for sequence classification; --task {task} has no classifier to feed")
     base_name = DEFAULT_BASE_NAME if base_path == bundled_base_path() else str(base)
     if cfg.threads:
@@ -461,7 +459,7 @@ def train(  # noqa: C901
                     f"({', '.join(names)}); give one name per label, in that order"
                 )
             names = list(label_names)  # display names, in label-id order; the files keep their values
-        head = HeadSpec(len(names), tuple(names), pooling or default_pooling(base_path))
+        head = HeadSpec(len(names), tuple(names), cfg.pooling or default_pooling(base_path))
 
         def collate(b: Sequence[Item]) -> dict[str, torch.Tensor]:
             return collate_classification(b, pad_id)

@@ -46,6 +46,7 @@ def test_example_adapter_inspects_and_is_small(task, labels, cli):
     assert info["rank"] == 8 and info["alpha"] == 16 and info["scale"] == 2.0
     assert info["targets"] == ["query", "value"] and info["lora_modules"] == 12
     assert info["modules_to_save"] == ["classifier.bias", "classifier.weight"]
+    assert info["pooling"] == "mean"  # the bundled base is a sentence-transformers model: its own pooling
     assert info["base_fingerprint"] == fingerprint(bundled_base_path())
     assert info["labels"] == labels
     assert info["size_bytes"] < 1_000_000

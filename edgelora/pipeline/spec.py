@@ -48,6 +48,7 @@ TRAIN_KEYS = {  # training hyper-parameter -> (check, what it must be); each is 
     "max_length": (lambda v: _int(v) and v >= 2, "an integer ≥ 2"),
     "seed": (lambda v: _int(v) and v >= 0, "an integer ≥ 0"),
     "warmup_ratio": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "pooling": (lambda v: v in ("cls", "mean"), '"cls" or "mean" (default: the base\'s own)'),
 }
 
 
