@@ -28,6 +28,7 @@ step time per configuration. ``--results DIR`` keeps each run's JSON there and r
     python benchmarks/train_lora_vs_full.py --json out.json --steps 1000
     python benchmarks/train_lora_vs_full.py --dataset agnews --steps 300
     python benchmarks/train_lora_vs_full.py --study --steps 600 --results benchmarks/results/study
+    python benchmarks/train_lora_vs_full.py --example examples/adapters/sst2     # a trained adapter's accuracy
 """
 
 from __future__ import annotations
@@ -354,6 +355,50 @@ def study(args: argparse.Namespace) -> dict:
             "lora": [{"targets": t, "target_modules": TARGET_SETS[t], "r": r, **res} for t, r, res in runs]}
 
 
+LONG_WORDS = 20  # SST-2's sentence-level reviews (as benchmarks/int8_accuracy.py)
+
+
+def example(args: argparse.Namespace) -> dict:
+    """A trained adapter folder's accuracy, merged in PyTorch: on the whole validation set and its longest texts
+    (SST-2: the dev rows of ≥ 20 words; AG News: the held-out rows at or above the median length)."""
+    import statistics
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgelora.data import read_classification, split
+    from edgelora.merge import merge_into_model
+    from edgelora.prepare import prepare
+
+    torch.set_num_threads(args.threads)
+    rows = read_classification(args.dev) if args.dev else split(read_classification(args.train), 0.1, 0)[1]
+    values = sorted({r.label for r in read_classification(args.train)})  # class ids as `edgelora train` numbers them
+    words = [len(r.text.split()) for r in rows]
+    cut = LONG_WORDS if args.dev else statistics.median(words)
+    p = prepare(None, args.example)
+    merge_into_model(p.model, p.plan)
+    tok = AutoTokenizer.from_pretrained(str(p.base_path))
+    order = np.argsort([len(r.text) for r in rows])
+    pred = np.zeros(len(rows), np.int64)
+    with torch.inference_mode():
+        for k in range(0, len(rows), 64):
+            idx = order[k:k + 64]
+            enc = tok([rows[i].text for i in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            pred[idx] = p.model(**enc).logits.argmax(-1).numpy()
+    gold = np.array([values.index(r.label) for r in rows])
+    long = np.array(words) >= cut
+    data = Path(args.train).parent.name
+    out = {"adapter": str(args.example), "pooling": p.head.pooling, "dataset": data, "rows": len(rows),
+           "accuracy": float((pred == gold).mean()), "long_rows": int(long.sum()), "long_min_words": cut,
+           "long_accuracy": float((pred[long] == gold[long]).mean())}
+    print(f"{args.example} ({p.head.pooling} pooling) on {data}; CPU {_workload(args).split('CPU ')[1]}")
+    _table(("set", "rows", "accuracy"), [
+        ("validation" if args.dev is None else "dev", f"{len(rows):,}", f"{100 * out['accuracy']:.2f}%"),
+        (f"longest: ≥ {cut:g} words", f"{out['long_rows']:,}", f"{100 * out['long_accuracy']:.2f}%")])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=["sst2", "agnews"], default="sst2",
@@ -378,6 +423,8 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", default=None, help="also write the result JSON here")
     ap.add_argument("--results", default=None, help="keep each run's JSON in this folder and reuse it")
     ap.add_argument("--study", action="store_true", help="the rank x target study instead of one comparison")
+    ap.add_argument("--example", default=None, metavar="ADAPTER",
+                    help="instead: a trained adapter's accuracy on the dataset's validation rows and their longest")
     ap.add_argument("--extra", action="append", metavar="R:TARGETS",
                     help="with --study, one more LoRA configuration (e.g. 2:all); may be repeated")
     ap.add_argument("--throughput-steps", type=int, default=60, help="alternating steps per method")
@@ -396,7 +443,9 @@ def main() -> None:
     for f in (args.train, args.dev):
         if f is not None and not Path(f).is_file():
             raise SystemExit(f"error: {f} not found; this benchmark reads its data from ../shared/data")
-    if args.study:
+    if args.example:
+        summary = example(args)
+    elif args.study:
         summary = study(args)
     else:
         speed = [] if args.no_throughput else [run_child("throughput-lean", args),
