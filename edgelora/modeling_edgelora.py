@@ -44,6 +44,8 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
 class BertForSequenceClassificationMeanPooling(BertForSequenceClassification):
     """``BertForSequenceClassification`` whose classifier reads the masked mean of the token states."""
 
+    pooling = "mean"  # what exporters read to know the head (they do not import this module)
+
     def forward(  # type: ignore[override]
         self,
         input_ids: torch.Tensor | None = None,

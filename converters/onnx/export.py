@@ -76,10 +76,9 @@ class _ClassicBert(torch.nn.Module):
             context = context.view(context.size()[:-2] + (heads * head_dim,))
             attended = layer.attention.output(context, hidden)
             hidden = layer.output(layer.intermediate(attended), attended)
-        if self.head and _mean_pooling(self.model):
-            from edgelora.modeling_edgelora import mean_pool
-
-            return self.model.classifier(mean_pool(hidden, attention_mask))
+        if self.head and _mean_pooling(self.model):  # edgelora.modeling_edgelora's head: the masked mean
+            m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            return self.model.classifier((hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0))
         pooled = self.bert.pooler(hidden) if self.bert.pooler is not None else None
         if self.head:
             return self.model.classifier(pooled)
@@ -88,9 +87,7 @@ class _ClassicBert(torch.nn.Module):
 
 def _mean_pooling(model: torch.nn.Module) -> bool:
     """Whether the model's classifier reads the mean of the token states (``edgelora.modeling_edgelora``)."""
-    from edgelora.modeling_edgelora import BertForSequenceClassificationMeanPooling
-
-    return isinstance(model, BertForSequenceClassificationMeanPooling)
+    return getattr(model, "pooling", "cls") == "mean"
 
 
 def _classic_bert_applies(model: torch.nn.Module, head: bool) -> bool:
