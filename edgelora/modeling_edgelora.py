@@ -46,6 +46,10 @@ class BertForSequenceClassificationMeanPooling(BertForSequenceClassification):
 
     pooling = "mean"  # what exporters read to know the head (they do not import this module)
 
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """What the classifier reads (exporters tracing their own encoder call this)."""
+        return mean_pool(hidden, attention_mask)
+
     def forward(  # type: ignore[override]
         self,
         input_ids: torch.Tensor | None = None,
@@ -66,7 +70,7 @@ class BertForSequenceClassificationMeanPooling(BertForSequenceClassification):
             return_dict=True,
             **kwargs,
         )
-        pooled = mean_pool(outputs.last_hidden_state, attention_mask)
+        pooled = self.pool(outputs.last_hidden_state, attention_mask)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:

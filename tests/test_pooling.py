@@ -114,14 +114,16 @@ def test_imported_peft_adapters_keep_cls(st_base, tmp_path):
     assert infer_head(load_adapter(path), st_base, "sequence-classification").pooling == "cls"
 
 
-@pytest.fixture(scope="module")
-def deployment(st_base, mean_adapter, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
-    """One cpu-fp32 folder with a mean task and a CLS task side by side."""
+@pytest.fixture(scope="module", params=["auto", "reexport"])
+def deployment(request, st_base, mean_adapter, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """One cpu-fp32 folder with a mean task and a CLS task side by side; task engines patched into the base
+    engine (auto) or traced again from the merged model (reexport)."""
     from edgelora.cli import main
 
     root = tmp_path_factory.mktemp("dep")
     adapters = {"mean": mean_adapter[0], **make_labelled_adapters(st_base, root, {"cls": ["a", "b", "c"]})}
-    args = ["export", "--base", str(st_base), "--target", "cpu-fp32", "-o", str(root / "out"), "-q"]
+    args = ["export", "--base", str(st_base), "--target", "cpu-fp32", "-o", str(root / "out"), "-q",
+            "--bake", request.param]
     for name, path in adapters.items():
         args += ["--adapter", f"{name}={path}"]
     try:
@@ -152,6 +154,8 @@ def test_export_bakes_swaps_and_mixes_mean_and_cls_tasks(st_base, deployment):
 
     folder, adapters = deployment
     manifest = json.loads((folder / "manifest.json").read_text())
+    bakes = {n: t["bake"].split(":")[0] for n, t in json.loads((folder / "report.json").read_text())["tasks"].items()}
+    assert set(bakes.values()) in ({"patched"}, {"re-exported"}), bakes
     assert {n: t["pooling"] for n, t in manifest["tasks"].items()} == {"mean": "mean", "cls": "cls"}
     delta = {n: parse_delta((folder / t["delta"]).read_bytes(), n) for n, t in manifest["tasks"].items()}
     assert delta["mean"].pooling == "mean" and delta["cls"].pooling == "cls"

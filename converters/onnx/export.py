@@ -77,8 +77,7 @@ class _ClassicBert(torch.nn.Module):
             attended = layer.attention.output(context, hidden)
             hidden = layer.output(layer.intermediate(attended), attended)
         if self.head and _mean_pooling(self.model):  # edgelora.modeling_edgelora's head: the masked mean
-            m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-            return self.model.classifier((hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0))
+            return self.model.classifier(self.model.pool(hidden, attention_mask))
         pooled = self.bert.pooler(hidden) if self.bert.pooler is not None else None
         if self.head:
             return self.model.classifier(pooled)
