@@ -340,26 +340,42 @@ def bench(folder: Path, threads: int, rounds: int, no_peft: bool, beside: Path |
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Decoders: tokens to generate.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="Decoders: 0 is greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Decoders: nucleus sampling mass.")
+@click.option("--top-k", type=int, default=0, show_default=True,
+              help="Decoders: sample among the k likeliest (0: all).")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+              help="Decoders: divide seen tokens' positive logits by this (1: none).")
+@click.option("--seed", type=int, default=None, help="Decoders: sampling seed.")
+@click.option("--mode", type=click.Choice(["swap", "unmerged", "engines"]), default=None,
+              help="How tasks run (default: the runtime's choice for this folder).")
 @click.option("--threads", type=int, default=None, help="Engine threads (default: ONNX Runtime's).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def run(folder: Path, task: str | None, texts: tuple[str, ...], max_new_tokens: int, temperature: float,
-        top_p: float, threads: int | None, as_json: bool) -> None:
-    """Run a deployment folder on text with the on-device runtime: the class, or the generated text."""
+        top_p: float, top_k: int, repetition_penalty: float, seed: int | None, mode: str | None,
+        threads: int | None, as_json: bool) -> None:
+    """Run a deployment folder on text with the on-device runtime: the class, or the generated text (decoders:
+    streamed as it is generated, text in and text out through the folder's tokenizer)."""
     import numpy as np
 
     from .runtime import Runtime
 
-    rt = Runtime.open(folder, threads=threads)
+    rt = Runtime.open(folder, threads=threads, mode=mode)
     if task is None and rt.tasks:
         task = rt.tasks[0]
     results: list[dict[str, Any]] = []
     if rt.kind == "causal-lm":
         for text in texts:
             prompt = rt.tokenizer.encode(text)["input_ids"][0]
-            limit = min(max_new_tokens, (rt.max_positions or 1 << 30) - len(prompt))
-            new = rt.generate(prompt, max(limit, 0), temperature=temperature, top_p=top_p,
-                              eos_token_id=rt.tokenizer.eos_id, task=task)
-            results.append({"text": text, "generated": rt.tokenizer.decode(new), "tokens": len(new)})
+            limit = max(min(max_new_tokens, (rt.max_positions or 1 << 30) - len(prompt)), 0)
+            if not as_json:
+                click.echo(text, nl=False)
+            stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+            count: list[int] = []
+            generated = rt.generate_text(text, limit, stream=stream, temperature=temperature, top_p=top_p,
+                                         top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, task=task,
+                                         on_token=count.append)
+            if not as_json:
+                click.echo("")
+            results.append({"text": text, "generated": generated, "tokens": len(count)})
     elif task is None or rt.num_labels(task) is None:
         out = rt.run(text=list(texts), task=task)
         key = "pooler_output" if "pooler_output" in out else "last_hidden_state"
@@ -373,8 +389,8 @@ def run(folder: Path, task: str | None, texts: tuple[str, ...], max_new_tokens: 
         return
     for r in results:
         if "generated" in r:
-            click.echo(f"{r['text']}{r['generated']}")
-        elif "label" in r:
+            continue  # streamed above
+        if "label" in r:
             click.echo(f"{r['label']:>10}  {r['probability']:.3f}  {r['text']}")
         else:
             click.echo(f"{r['text']}: embedding {r['embedding_dims']}, norm {r['norm']:.3f}")

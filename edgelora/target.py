@@ -27,6 +27,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_TARGET = "cpu-fp32"
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what ONNX Runtime's MatMulNBits quantizer (MLAS) accepts
+DECODER_GRAPHS = ("trace", "genai-builder")
 # ONNX Runtime's ORT-format converter (onnxruntime.tools.convert_onnx_models_to_ort): its optimization levels,
 # styles and target platforms
 ORT_LEVELS = ("basic", "extended", "all")
@@ -51,6 +52,9 @@ class Quantization:
     # int4 only: when the embedding table equals the LM head's weight (tied embeddings), store it once:
     # the embedding Gather reads the head's quantized tensor (GatherBlockQuantized).
     tie_embeddings: bool = True
+    # decoder_graph = "genai-builder" only: MatMul groups the model builder keeps at another width than the int4
+    # body (its ``matmul_mixed_precision``, e.g. "last_matmul:int8" keeps the LM head at 8 bits); "" for none
+    mixed_precision: str = ""
     # static (int8 QDQ) only, see converters/onnx/calibrate.py: the calibrator (minmax | entropy | percentile),
     # how many calibration texts and held-out check texts per task, the activations' type, MatMuls kept float
     # by name, and the sensitivity pass: keep the MatMuls with the largest own error float, one at a time (at most
@@ -180,6 +184,10 @@ class Target:
     # Also write base/lora.onnx: the base with LoRA as branches whose A, B are inputs (unmerged tasks,
     # mixed-task batches, the bench's unmerged alternative).
     lora_graph: bool = True
+    # Decoders only: "trace" (torch.onnx of the HF model, the KV cache concatenated per step) or "genai-builder"
+    # (ONNX Runtime GenAI's model builder: GroupQueryAttention with rotary fused, skip/simplified layer norms,
+    # fused q/k/v, a KV cache that can be one preallocated buffer shared by past and present)
+    decoder_graph: str = "trace"
     quantization: Quantization = field(default_factory=Quantization)
     shapes: Shapes = field(default_factory=Shapes)
     tolerance: Tolerance = field(default_factory=Tolerance)
@@ -268,7 +276,8 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
     if "providers" in data:
         kwargs["providers"] = _providers(data.pop("providers"), where)
     required = {"name": str, "backend": str, "provider": str, "precision": str, "opset": int}
-    optional = {"description": str, "optimize": bool, "bake_task_engines": bool, "lora_graph": bool}
+    optional = {"description": str, "optimize": bool, "bake_task_engines": bool, "lora_graph": bool,
+                "decoder_graph": str}
     for key in data:
         if key not in required and key not in optional:
             raise EdgeloraError(f"{where}: unknown field '{key}'; known fields: "
@@ -320,6 +329,10 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         (t.quantization.eight_bit_block_size in (0, *BLOCK_SIZES),
          f"[quantization] eight_bit_block_size = {t.quantization.eight_bit_block_size}; choose 0 (= block_size) "
          f"or one of {', '.join(map(str, BLOCK_SIZES))}"),
+        (t.decoder_graph in DECODER_GRAPHS, f"decoder_graph = {t.decoder_graph!r}; choose one of "
+                                            f"{', '.join(DECODER_GRAPHS)}"),
+        (t.decoder_graph == "trace" or (t.backend == "onnxruntime" and t.precision in ("fp32", "int4")),
+         "decoder_graph = 'genai-builder' is for backend onnxruntime at precision fp32 or int4"),
         (t.quantization.accuracy_level in (0, 1, 2, 3, 4),
          f"[quantization] accuracy_level = {t.quantization.accuracy_level}; choose 0..4"),
         (t.shapes.batch >= 1 and t.shapes.sequence >= 2, "[shapes] batch must be ≥ 1 and sequence ≥ 2"),

@@ -114,6 +114,11 @@ class OnnxRuntimeBackend:
         """torch -> fp32 ONNX -> fused -> (quantized; static int8 calibrated on ``calibration``)."""
         from . import export, optimize, quantize
 
+        if task == "causal-lm" and getattr(target, "decoder_graph", "trace") == "genai-builder":
+            from . import genai_builder
+
+            final, fp32, raw, spec = genai_builder.build(model, work, stem, target)
+            return EngineBuild(final, fp32, raw, spec, True)
         raw = work / f"{stem}.raw.onnx"
         spec = export.export_for_task(model, task, raw, target.opset, headless=headless).to_json()
         fp32, fused = raw, False

@@ -118,6 +118,9 @@ def read_adapters(ctx: ExportContext) -> None:
 def read_calibration(ctx: ExportContext) -> None:
     """A static int8 target's texts per task (``--calibrate``), read and checked before any work; refused for any
     other target. The base calibrates on them; every engine's parity is measured on some of them."""
+    if ctx.target.decoder_graph != "trace" and ctx.task != "causal-lm":
+        raise EdgeloraError(f"target {ctx.target.name} builds decoder graphs (decoder_graph = "
+                            f"{ctx.target.decoder_graph!r}); this is a {ctx.task} model: choose cpu-fp32 or cpu-int8")
     if _static(ctx):
         if ctx.task == "causal-lm":
             raise EdgeloraError(f"target {ctx.target.name}: static int8 (QDQ) is for encoders; use cpu-int8 or "
@@ -478,7 +481,7 @@ def _entry(t: TaskResult) -> TaskEntry:
 
 def _io(spec: dict[str, Any]) -> EngineIO:
     return EngineIO(spec["kind"], tuple(spec["inputs"]), tuple(spec["outputs"]), spec["num_layers"],
-                    spec["num_kv_heads"], spec["head_dim"])
+                    spec["num_kv_heads"], spec["head_dim"], spec.get("kv_cache", "concat"))
 
 
 def _bundle_size(ctx: ExportContext) -> dict[str, Any]:

@@ -28,6 +28,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 SCHEMA = "manifest.schema.json"  # the same rules as JSON Schema, beside this file, for readers in other languages
 RECIPES = ("float32", "float16", "int8")  # how the runtime re-encodes a rebuilt weight (runtime/swap.py)
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+KV_CACHES = ("concat", "shared")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -42,10 +43,14 @@ class EngineIO:
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    # causal-lm: "concat" (present = past + the new positions; feed it back as past) or "shared" (also accepts one
+    # preallocated buffer per layer bound as both past and present; attention_mask's length is the total sequence)
+    kv_cache: str = "concat"
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "inputs": list(self.inputs), "outputs": list(self.outputs),
-                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                **({"kv_cache": self.kv_cache} if self.kv_cache != "concat" else {})}
 
 
 @dataclass(frozen=True)
@@ -306,7 +311,8 @@ def _io(f: _Fields) -> EngineIO:
     names = (lambda v: isinstance(v, list) and v and all(isinstance(x, str) and x for x in v), "a list of names")
     io = EngineIO(f.text("kind"), tuple(f.get("inputs", *names)), tuple(f.get("outputs", *names)),
                   *(f.get(k, lambda v: _is_int(v) and 0 <= v <= 1 << 16, "an integer in 0..65536")
-                    for k in ("num_layers", "num_kv_heads", "head_dim")))
+                    for k in ("num_layers", "num_kv_heads", "head_dim")),
+                  f.get("kv_cache", lambda v: v in KV_CACHES, "'concat' or 'shared'", optional=True, default="concat"))
     if io.kind == "causal-lm" and not (io.num_layers and io.num_kv_heads and io.head_dim):
         raise f.error("num_layers", io.num_layers, "positive, with num_kv_heads and head_dim, for a causal-lm")
     return io

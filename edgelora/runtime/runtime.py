@@ -41,6 +41,7 @@ from ..errors import DeltaError, DeploymentError, EdgeloraError, InputError
 from ..format.files import check_sizes, read_bytes, verify_files
 from ..format.manifest import FORMAT_VERSION, TASK_NAME, Manifest, read_manifest
 from ..lora import concat_feeds, stacked_feeds
+from .decode import Sampler, Sampling, shared_cache_loop
 from .heads import apply_head, unsupported
 from .inputs import FeedChecker, as_ints
 from .sessions import open_session, run_session
@@ -82,7 +83,7 @@ class Prediction:
 class Runtime:
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None, max_resident: int | None,
                  provider: str | None, spinning: bool = True, unmerged: bool | None = None, slots: int = 2,
-                 engine_format: str | None = None) -> None:
+                 engine_format: str | None = None, mode: str | None = None) -> None:
         import onnxruntime as ort
 
         self._cond = threading.Condition()  # guards the state pointer and the slots' reader counts
@@ -122,7 +123,14 @@ class Runtime:
             # LoRA branches, while a W2 rebuild takes 27 ms and switching branch feeds ~0; encoders pay
             # 1.05x swapped vs 1.2x as branches. So decoders default to branches, encoders to swaps.
             unmerged = self.kind == "causal-lm"
-        swap = None if unmerged and self._lora_graph else manifest.swap
+        if mode == "engines":
+            unmerged = False
+        elif mode is not None:
+            unmerged = mode == "unmerged"
+            if (manifest.swap if mode == "swap" else self._lora_graph) is None:
+                why = manifest.swap_unavailable if mode == "swap" else "no base/lora.onnx (lora_graph = false)"
+                raise InputError(f"mode = {mode!r}: {folder} cannot run it ({why}); open it with mode='engines'")
+        swap = None if (unmerged and self._lora_graph) or mode == "engines" else manifest.swap
         self._lora_dims = {m: loc.dims() for m, loc in self._lora_graph.modules.items()} if self._lora_graph else {}
         self._swap: SwapWeights | None = None
         if swap is not None:
@@ -132,7 +140,7 @@ class Runtime:
             self.mode = "swap"
             self._session = self._open(swap.engine)
             dims = self._swap.dims()
-        elif self._lora_graph is not None:
+        elif self._lora_graph is not None and mode != "engines":
             self.mode = "unmerged"
             self._session = self._lora()
             dims = self._lora_dims
@@ -167,7 +175,7 @@ class Runtime:
     @classmethod
     def open(cls, path: str | os.PathLike[str], threads: int | None = None, max_resident: int | None = None,
              provider: str | None = None, spinning: bool = True, unmerged: bool | None = None, slots: int = 2,
-             verify: bool = False, engine_format: str | None = None) -> Runtime:
+             verify: bool = False, engine_format: str | None = None, mode: str | None = None) -> Runtime:
         """Open a deployment folder written by ``edgelora export``. ``threads``: ONNX Runtime intra-op threads
         (and swap workers, up to 4); ``max_resident``: LRU bound on tasks held in memory; ``provider``:
         override the target's execution provider; ``spinning=False``: engine threads never spin, not even
@@ -180,7 +188,9 @@ class Runtime:
         against the manifest (size and the small files are always checked). ``engine_format``: ``"ort"`` runs
         ONNX Runtime Mobile's ORT-format models of a mobile-* folder (the default there; ``provider`` may then
         be a device provider the target lists, opened with its options), ``"onnx"`` the ONNX engines (the
-        default elsewhere).
+        default elsewhere). ``mode``: ``"swap"``, ``"unmerged"`` or ``"engines"`` (each task on its baked engine,
+        one session per resident task: the base engine's speed, a session's memory per task); overrides
+        ``unmerged``; default: as ``unmerged`` says.
 
         Raises :class:`DeploymentError` (one line, naming the file or field) for a folder that is incomplete,
         changed since export, malformed, or names paths outside itself."""
@@ -191,7 +201,9 @@ class Runtime:
         check_sizes(folder, manifest.files)
         if verify:
             verify_files(folder, manifest.files)
-        return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged, slots, engine_format)
+        if mode not in (None, "swap", "unmerged", "engines"):
+            raise InputError(f"mode = {mode!r}; choose 'swap', 'unmerged' or 'engines'")
+        return cls(folder, manifest, threads, max_resident, provider, spinning, unmerged, slots, engine_format, mode)
 
     def _open(self, rel: str) -> Any:
         if self.engine_format == "ort":
@@ -477,14 +489,18 @@ class Runtime:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stream: Callable[[int], Any] | None = None, seed: int | None = None,
-                 eos_token_id: int | None = None, task: str | None = None) -> list[int]:
+                 eos_token_id: int | Sequence[int] | None = None, task: str | None = None, top_k: int = 0,
+                 repetition_penalty: float = 1.0) -> list[int]:
         """New token ids after ``prompt_ids`` (one sequence), incrementally through the KV cache. The whole
-        generation uses ``task`` (default: the task active when it starts)."""
+        generation uses ``task`` (default: the task active when it starts). Greedy at ``temperature = 0``, else
+        sampled (``seed``) after ``repetition_penalty``, ``top_k`` (0: off) and ``top_p``; it stops after
+        ``max_new_tokens`` or at a token of ``eos_token_id`` (one id or several; it is returned). ``stream`` is
+        called with each token as it is chosen. See ``decode.py`` for the loop."""
         if self.kind != "causal-lm":
             raise InputError(f"generate needs a causal-lm deployment; this one is {self.kind}")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0) or not (
-                isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise InputError("temperature must be >= 0 and top_p in (0, 1]")
+        stop = [] if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
+        sampling = Sampling.checked(temperature, top_p, top_k, repetition_penalty, stop)
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens = {max_new_tokens!r}; pass an integer ≥ 0")
         ids = as_ints(prompt_ids, "prompt_ids").reshape(1, -1)
@@ -492,18 +508,22 @@ class Runtime:
             raise InputError(f"a prompt of {ids.shape[1]} tokens + {max_new_tokens} new ones exceed the base's "
                              f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens")
         feeds = self._inputs(None, {"input_ids": ids})
-        rng = np.random.default_rng(seed)
+        sampler = Sampler(sampling, self.manifest.base.vocab_size, ids[0], seed)
         state = self._acquire(task)
         try:
+            if self.io.kv_cache == "shared":
+                sess, extra = self._session_and_extra(state)
+                return shared_cache_loop(sess, self.io, extra, feeds["input_ids"], int(max_new_tokens), sampler,
+                                         stream, self.folder)
             new: list[int] = []
             total = ids.shape[1]
             for _ in range(max_new_tokens):
                 out = self._run_state(state, feeds)
-                token = _sample(out["logits"][0, -1], temperature, top_p, rng)
+                token = sampler(out["logits"][0, -1])
                 new.append(token)
                 if stream is not None:
                     stream(token)
-                if eos_token_id is not None and token == eos_token_id:
+                if token in sampling.stop:
                     break
                 total += 1
                 feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
@@ -513,6 +533,45 @@ class Runtime:
             return new
         finally:
             self._release(state)
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, stream: Callable[[str], Any] | None = None,
+                      on_token: Callable[[int], Any] | None = None, **options: Any) -> str:
+        """Text in, text out through the deployment's tokenizer: ``generate`` on the prompt's ids (no special
+        tokens added but the tokenizer's own), stopping at the tokenizer's end-of-sequence token unless
+        ``eos_token_id`` is given. ``stream`` receives the text as it grows, piece by piece; ``on_token`` each id."""
+        tok = self.tokenizer
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt is a {type(prompt).__name__}; pass a string (or call generate with token ids)")
+        ids = tok.encode(prompt)["input_ids"][0]
+        options.setdefault("eos_token_id", tok.eos_id)
+        pieces: list[int] = []
+        shown = ""
+
+        def each(token: int) -> None:
+            nonlocal shown
+            pieces.append(token)
+            if on_token is not None:
+                on_token(token)
+            text = tok.decode(pieces)
+            if stream is not None and len(text) > len(shown) and not text.endswith("\ufffd"):
+                stream(text[len(shown):])
+                shown = text
+
+        out = self.generate(ids, max_new_tokens, stream=each, **options)
+        text = tok.decode(out)
+        if stream is not None and len(text) > len(shown):
+            stream(text[len(shown):])
+        return text
+
+    def _session_and_extra(self, state: _State) -> tuple[Any, Mapping[str, np.ndarray]]:
+        """The session a state runs on and the feeds its mode adds (swap slot weights, LoRA branch A, B)."""
+        if state.session is not None:
+            return state.session, {}
+        if state.feeds is not None:
+            return self._session, state.feeds
+        if state.slot is not None:
+            return self._session, self._swap.slots[state.slot].arrays  # type: ignore[union-attr]
+        return self._session, {}
 
     # ------------------------------------------------------------------ measuring
     def _forget_built(self, encodings: bool = False) -> None:
@@ -562,16 +621,3 @@ def _engine_format(folder: Path, manifest: Manifest, asked: str | None) -> str:
         raise DeploymentError(f"{folder}: no ORT-format models (target {manifest.target.name} has no [mobile]); "
                               "export with a mobile-* target, or open it with engine_format='onnx'")
     return asked
-
-
-def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    order = np.argsort(-p)
-    keep = np.cumsum(p[order]) - p[order] < top_p  # the smallest set whose mass reaches top_p
-    choice = order[keep]
-    q = p[choice] / p[choice].sum()
-    return int(rng.choice(choice, p=q))
