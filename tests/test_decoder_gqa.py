@@ -103,6 +103,10 @@ def test_builder_graph_greedy_tokens_equal_peft_in_every_mode(fp32_folder, gqa_m
 
     manifest = json.loads((fp32_folder / "manifest.json").read_text())
     assert manifest["base"]["io"]["kv_cache"] == "shared"
+    chosen = manifest["runtime_mode"]  # measured by the export on this folder; the runtime's default
+    assert chosen["mode"] in ("engines", "unmerged", "swap") and chosen["why"]
+    assert set(chosen["measured"]["decode_tokens_per_s"]) == {"base", "engines", "unmerged", "swap"}
+    assert Runtime.open(fp32_folder, threads=1).mode == chosen["mode"]
     ops = {n.op_type for n in onnx.load(str(fp32_folder / "base/model.onnx"), load_external_data=False).graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
     base, adapters = gqa_models["llama"]

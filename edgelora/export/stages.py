@@ -39,6 +39,7 @@ from .steps import (
     build_runtime_graphs,
     check_request,
     check_runtime,
+    choose_runtime_mode,
     convert_mobile,
     export_tasks,
     plan_baking,
@@ -241,6 +242,6 @@ def assemble(base_dir: Path, task_dirs: Mapping[str, Path], target: Target, outp
                            entry=parse_section("task", record["entry"], str(task_dir / TASK_STATE), name))
             ctx.tasks[name] = t
             ctx.failures += record["failures"]
-        for step in (convert_mobile, write_manifest, check_runtime, write_report):
+        for step in (convert_mobile, write_manifest, check_runtime, choose_runtime_mode, write_report):
             step(ctx)
     return ctx.report

@@ -438,6 +438,66 @@ def check_runtime(ctx: ExportContext) -> None:
                                     f"the .onnx models > {ort_limit:g}")
 
 
+# Decoders on a shared-cache graph run tasks as LoRA branches when they cost at most this much decode time over
+# the base, else as swapped weights when those cost as little and a switch takes at most SWAP_LIMIT_MS, else on
+# each task's baked engine (the base's speed; one session per resident task).
+TAX_LIMIT = 1.03
+SWAP_LIMIT_MS = 20.0
+
+
+def choose_runtime_mode(ctx: ExportContext) -> None:
+    """Decoders on a shared-cache graph (``decoder_graph = "genai-builder"``): measure, on this folder, the
+    runtime's decode rate for the base and for a task in each mode the folder offers (interleaved rounds of
+    ``generate``), and a swap's rebuild; record the mode the runtime opens the folder in and why
+    (``runtime_mode`` in the manifest and the report)."""
+    base = _base(ctx)
+    if ctx.task != "causal-lm" or base.build.spec.get("kv_cache") != "shared" or ctx.failures:
+        return
+    task = next((n for n, t in ctx.tasks.items() if t.not_swappable is None and t.engine), None)
+    if task is None:
+        return
+    ctx.step("choosing how the runtime runs tasks (decode rate per mode)")
+    from ..runtime import Runtime
+
+    modes = ["engines", *(["unmerged"] if base.branches else []), *(["swap"] if base.swap else [])]
+    rts = {m: Runtime.open(ctx.out, threads=ctx.threads, provider=ctx.target.provider, mode=m) for m in modes}
+    runs = {"base": (rts["engines"], None), **{m: (rt, task) for m, rt in rts.items()}}
+    new = 16
+    length = max(1, min(ctx.target.shapes.sequence, (rts["engines"].max_positions or 1 << 30) - new) - new)
+    prompt = np.random.default_rng(0).integers(5, int(ctx.model_config.vocab_size), length).tolist()
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(5):
+        for key, (rt, name) in runs.items():
+            marks: list[float] = []
+            rt.generate(prompt, new, task=name, stream=lambda _t, m=marks: m.append(time.perf_counter()))
+            rates[key].append((len(marks) - 1) / (marks[-1] - marks[0]))
+    rate = {k: float(np.median(v)) for k, v in rates.items()}
+    tax = {m: rate["base"] / rate[m] for m in modes}
+    measured: dict[str, Any] = {"decode_tokens_per_s": {k: round(v, 2) for k, v in rate.items()},
+                                "tax_vs_base": {m: round(t, 3) for m, t in tax.items()}}
+    if "swap" in rts:
+        rt, ms = rts["swap"], []
+        for i in range(6):
+            rt._forget_built()
+            t0 = time.perf_counter()
+            rt.activate(task if i % 2 == 0 else None)
+            ms.append((time.perf_counter() - t0) * 1e3)
+        measured["swap_ms"] = round(float(np.median(ms)), 2)
+    if tax.get("unmerged", np.inf) <= TAX_LIMIT:
+        mode, why = "unmerged", (f"LoRA branches decode at {tax['unmerged']:.3f}x the base's time (≤ {TAX_LIMIT}x): "
+                                 "a switch only changes the fed A, B")
+    elif tax.get("swap", np.inf) <= TAX_LIMIT and measured.get("swap_ms", np.inf) <= SWAP_LIMIT_MS:
+        mode, why = "swap", (f"swapped weights decode at {tax['swap']:.3f}x the base's time and rebuild in "
+                             f"{measured['swap_ms']:.1f} ms (≤ {SWAP_LIMIT_MS:g} ms)")
+    else:
+        others = ", ".join(f"{m} {tax[m]:.2f}x" for m in modes if m != "engines")
+        swap = f", a swap {measured['swap_ms']:.1f} ms" if "swap_ms" in measured else ""
+        mode, why = "engines", (f"decode time vs the base's: {others}{swap}; each task's baked engine "
+                                f"{tax['engines']:.2f}x (one session per resident task)")
+    ctx.manifest["runtime_mode"] = {"mode": mode, "why": why, "measured": measured}
+    write_json(ctx.out / MANIFEST, ctx.manifest)
+
+
 def write_report(ctx: ExportContext) -> None:
     base = _base(ctx)
     parity = base.parity.to_json() if base.parity else {}
@@ -449,6 +509,7 @@ def write_report(ctx: ExportContext) -> None:
                  "unfused_latency_ms": base.unfused_latency_ms},
         "tasks": {name: t.report for name, t in ctx.tasks.items()},
         "bake": {"patched": base.patch is not None, "reason": base.patch_reason},
+        **({"runtime_mode": ctx.manifest["runtime_mode"]} if ctx.manifest and "runtime_mode" in ctx.manifest else {}),
         **({"quantization": base.build.quantization} if base.build.quantization else {}),
         "device_bundle": _bundle_size(ctx),
         **({"mobile": ctx.mobile_report} if ctx.mobile_report else {}),
@@ -461,7 +522,7 @@ def write_report(ctx: ExportContext) -> None:
 
 
 BUILD_STEPS = (build_base, build_runtime_graphs, plan_baking, export_tasks, convert_mobile, write_manifest,
-               check_runtime, write_report)
+               check_runtime, choose_runtime_mode, write_report)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -226,6 +226,9 @@ class Manifest:
     name_map_graph: str = ""  # the graph the name map was built on ("fused fp32", "fp32")
     swap_unavailable: str | None = None  # why there is no swap graph
     mobile: MobileSpec | None = None  # ORT-format models for ONNX Runtime Mobile (mobile-* targets)
+    # decoders on a shared-cache graph: how the runtime runs tasks by default ("swap", "unmerged" or "engines"),
+    # chosen by ``edgelora export`` from what it measured on this folder, and why
+    runtime_mode: RuntimeMode | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The manifest.json this describes (``parse_manifest(m.to_json())`` gives ``m`` back)."""
@@ -236,6 +239,7 @@ class Manifest:
                 "swap": self.swap.to_json() if self.swap else None, "swap_unavailable": self.swap_unavailable,
                 "tasks": {n: t.to_json() for n, t in self.tasks.items()},
                 **({"mobile": self.mobile.to_json()} if self.mobile else {}),
+                **({"runtime_mode": self.runtime_mode.to_json()} if self.runtime_mode else {}),
                 "files": {rel: e.to_json() for rel, e in self.files.items()}}
 
 
@@ -279,7 +283,8 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
                         top.get("edgelora_version", _is_str, "a string", optional=True, default=""),
                         name_map_f.get("graph", _is_str, "a string", optional=True, default=""),
                         top.get("swap_unavailable", _is_str, "a string", optional=True),
-                        _mobile(top.sub("mobile")) if top.has("mobile") else None)
+                        _mobile(top.sub("mobile")) if top.has("mobile") else None,
+                        _runtime_mode(top.sub("runtime_mode")) if top.has("runtime_mode") else None)
     _check_listed(manifest, where)
     return manifest
 
@@ -294,6 +299,27 @@ def parse_section(kind: str, raw: Any, where: str, name: str = "") -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- sections
+RUNTIME_MODES = ("swap", "unmerged", "engines")
+
+
+@dataclass(frozen=True)
+class RuntimeMode:
+    """The mode the runtime opens this folder in by default, why, and the measurements behind it."""
+
+    mode: str
+    why: str
+    measured: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "why": self.why, "measured": dict(self.measured)}
+
+
+def _runtime_mode(f: _Fields) -> RuntimeMode:
+    measured = f.get("measured", lambda v: isinstance(v, dict), "an object", optional=True, default={})
+    return RuntimeMode(f.get("mode", lambda v: v in RUNTIME_MODES, f"one of {', '.join(RUNTIME_MODES)}"),
+                       f.get("why", _is_str, "a string", optional=True, default=""), measured)
+
+
 def _base(f: _Fields) -> BaseInfo:
     fp = f.get("fingerprint", lambda v: isinstance(v, str) and _HEX64.fullmatch(v), "a sha256 hex digest")
     io = _io(f.sub("io"))

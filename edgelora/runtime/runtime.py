@@ -118,6 +118,8 @@ class Runtime:
         self._lora_graph = manifest.lora_graph
         self._lora_session: Any = None
         self._engines: dict[str, Any] = {}
+        if mode is None and unmerged is None and manifest.runtime_mode is not None:
+            mode = manifest.runtime_mode.mode  # chosen by the export from what it measured on this folder
         if unmerged is None:
             # Measured (benchmarks/README.md): a decode step pays the same ~1.14x for fed weights as for
             # LoRA branches, while a W2 rebuild takes 27 ms and switching branch feeds ~0; encoders pay
@@ -190,7 +192,8 @@ class Runtime:
         be a device provider the target lists, opened with its options), ``"onnx"`` the ONNX engines (the
         default elsewhere). ``mode``: ``"swap"``, ``"unmerged"`` or ``"engines"`` (each task on its baked engine,
         one session per resident task: the base engine's speed, a session's memory per task); overrides
-        ``unmerged``; default: as ``unmerged`` says.
+        ``unmerged``; default: the folder's ``runtime_mode`` (decoders on a shared-cache graph: chosen by the
+        export from the decode speed and switch time it measured), else as ``unmerged`` says.
 
         Raises :class:`DeploymentError` (one line, naming the file or field) for a folder that is incomplete,
         changed since export, malformed, or names paths outside itself."""
