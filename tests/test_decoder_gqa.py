@@ -88,8 +88,9 @@ def _peft_greedy(base: Path, adapter: Path | None, n: int) -> list[int]:
         model = PeftModel.from_pretrained(model, str(adapter))
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
+        model.generation_config.eos_token_id = None  # plain argmax for n tokens (min_new_tokens would mask the eos)
         out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
+                                    do_sample=False, pad_token_id=0)
     return out[0, len(PROMPT):].tolist()
 
 
@@ -195,10 +196,9 @@ def test_int4_task_engines_are_the_builder_on_the_merged_model(gqa_models, tmp_p
     base, adapters = gqa_models["qwen2"]
     target = tmp_path / "int4.toml"  # random tiny weights are far from int4-friendly: only the tolerance is loosened
     text = (Path(__file__).resolve().parents[1] / "targets/cpu-int4-gqa.toml").read_text()
-    target.write_text(text.replace('name = "cpu-int4-gqa"', 'name = "int4-test"')
-                      .replace("min_cosine = 0.99", "min_cosine = 0.5").replace("min_agreement = 0.9",
-                                                                              "min_agreement = 0.0")
-                      .replace("max_abs_diff = 1.0", "max_abs_diff = 100.0"))
+    loose = "[tolerance]\nmax_abs_diff = 100.0\nmin_cosine = 0.5\nmin_agreement = 0.0\n"
+    text = text[:text.index("[tolerance]")] + loose
+    target.write_text(text.replace('name = "cpu-int4-gqa"', 'name = "int4-test"'))
     one = {"t1": adapters["t1"]}
     r1 = _export(cli, base, one, target, tmp_path / "patched")
     r2 = _export(cli, base, one, target, tmp_path / "reexport", "--bake", "reexport")

@@ -332,4 +332,9 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-        return ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's own exception types: the converter wrote a graph it cannot load
+            first = " ".join(str(exc).split())[:200]
+            raise EdgeloraError(f"{path.name}: ONNX Runtime cannot load the engine this export wrote ({first}); "
+                                "change the target's quantization options, or report it") from None
