@@ -205,6 +205,24 @@ def engine_logits(engine: Path, ids: list[np.ndarray]) -> tuple[list[np.ndarray]
     return out, feeds_note
 
 
+def decode_speed(folders: dict[str, Path], ids: list[np.ndarray], rounds: int = 5) -> dict[str, float]:
+    """Greedy decode rate of each folder's base engine through the runtime (the traced graphs' concatenated cache
+    or the builder graphs' shared one), interleaved so every target sees the same machine."""
+    import time
+
+    from edgelora.runtime import Runtime
+
+    prompt = next(x for x in ids if x.shape[1] >= 64)[0, :64].tolist()
+    rts = {t: Runtime.open(f, threads=THREADS, mode="engines") for t, f in folders.items()}
+    rates: dict[str, list[float]] = {t: [] for t in rts}
+    for _ in range(rounds + 1):  # the first round warms up
+        for t, rt in rts.items():
+            marks: list[float] = []
+            rt.generate(prompt, 64, stream=lambda _tok, m=marks: m.append(time.perf_counter()))
+            rates[t].append((len(marks) - 1) / (marks[-1] - marks[0]))
+    return {t: float(np.median(v[1:])) for t, v in rates.items()}
+
+
 def compare(got: list[np.ndarray], ref: list[np.ndarray]) -> dict:
     """Per-position logits cosine (over the vocabulary) and argmax agreement, over all texts."""
     cos_all, agree_all, seq_means, seq_mins, max_abs = [], [], [], [], 0.0
@@ -273,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--texts", type=int, default=64, help="held-out AG News texts to compare on (default 64)")
     ap.add_argument("--minutes", type=float, default=6.0, help="training budget if the model must be built")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--speed", action="store_true",
+                    help="also time each target's base decode (edgelora.runtime generate, interleaved rounds)")
     args = ap.parse_args(argv)
 
     cpu, cpu_info = cpu_line()
@@ -320,6 +340,13 @@ def main(argv: list[str] | None = None) -> None:
     if param_bytes and fp32:
         print(f"(vs fp32: the cpu-fp32 engine's bytes; the model's fp32 parameters are {param_bytes / 1e6:.2f} MB, "
               f"the engine {fp32['size']['bytes'] / param_bytes:.3f}x that)")
+    if args.speed:
+        speeds = decode_speed({r["target"]: args.work / (Path(r["target"]).stem if r["target"].endswith(".toml")
+                                                         else r["target"]) for r in rows if "size" in r}, ids)
+        print("decode tokens/s of the base engine (edgelora.runtime generate: 64-token prompt, 64 new, median of "
+              "5 interleaved rounds): " + ", ".join(f"{t} {v:.0f}" for t, v in speeds.items()))
+        for r in rows:
+            r["decode_tokens_per_s"] = speeds.get(r["target"])
     for r in rows:
         for line in acceptance(r):
             print(line)

@@ -54,26 +54,25 @@ def gqa_models(tmp_path_factory):
     return out
 
 
-def _export(cli, base, adapters, target, out, *extra):
-    args = ["export", "--base", base, "--target", target, "-o", out, "-q", *extra]
+def _export_args(base, adapters, target, out, *extra) -> list[str]:
+    args = ["export", "--base", str(base), "--target", str(target), "-o", str(out), "-q", *extra]
     for name, path in adapters.items():
         args += ["--adapter", f"{name}={path}"]
-    return cli(*args)
+    return args
+
+
+def _export(cli, base, adapters, target, out, *extra):
+    return cli(*_export_args(base, adapters, target, out, *extra))
 
 
 @pytest.fixture(scope="module")
 def fp32_folder(gqa_models, tmp_path_factory):
-    from click.testing import CliRunner  # noqa: F401  (the cli fixture is function-scoped)
-
-    from edgelora.cli import main
+    from edgelora.cli import main  # (the cli fixture is function-scoped)
 
     base, adapters = gqa_models["llama"]
     out = tmp_path_factory.mktemp("gqa_fp32") / "out"
-    args = ["export", "--base", str(base), "--target", "cpu-fp32-gqa", "-o", str(out), "-q"]
-    for name, path in adapters.items():
-        args += ["--adapter", f"{name}={path}"]
     try:
-        main(args)
+        main(_export_args(base, adapters, "cpu-fp32-gqa", out))
     except SystemExit as exc:
         assert not exc.code, f"export failed with {exc.code}"
     return out
