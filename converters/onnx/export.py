@@ -204,10 +204,15 @@ def export_sequence_classification(model: torch.nn.Module, path: Path, opset: in
     return OnnxGraphSpec("sequence-classification", ENCODER_INPUTS, ("logits",))
 
 
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """(past inputs, present outputs) of a decoder graph with ``layers`` layers, in the order engines list them."""
+    return ([f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")],
+            [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")])
+
+
 def export_causal_lm(model: torch.nn.Module, path: Path, opset: int) -> OnnxGraphSpec:
     layers, kv_heads, head_dim = decoder_geometry(model.config)
-    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    past_names, present_names = cache_names(layers)
     ids = _example_ids(model, 1, 2)
     past = [torch.randn(1, kv_heads, 3, head_dim, generator=torch.Generator().manual_seed(i))
             for i in range(2 * layers)]

@@ -31,7 +31,7 @@ from typing import Any
 
 from edgelora.errors import EdgeloraError
 
-from .export import OnnxGraphSpec, decoder_geometry
+from .export import OnnxGraphSpec, cache_names, decoder_geometry
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
@@ -125,8 +125,7 @@ def _spec(graph: Path, config: Any) -> OnnxGraphSpec:
     inputs = tuple(i.name for i in proto.graph.input)
     outputs = tuple(o.name for o in proto.graph.output)
     layers, kv_heads, head_dim = decoder_geometry(config)
-    past = tuple(f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value"))
-    present = tuple(f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value"))
+    past, present = cache_names(layers)
     if set(inputs) != {"input_ids", "attention_mask", *past} or set(outputs) != {"logits", *present}:
         raise EdgeloraError(f"{graph}: the model builder wrote inputs {list(inputs[:3])}… / outputs "
                             f"{list(outputs[:2])}…, not input_ids, attention_mask, the cache → logits, the cache; "

@@ -107,6 +107,9 @@ def read_adapters(ctx: ExportContext) -> None:
     ctx.task = tasks.pop()
     if ctx.task not in TASKS:
         raise EdgeloraError(f"export of {ctx.task} adapters is not supported yet; supported: {', '.join(TASKS)}")
+    if ctx.target.decoder_graph != "trace" and ctx.task != "causal-lm":
+        raise EdgeloraError(f"target {ctx.target.name} builds decoder graphs (decoder_graph = "
+                            f"{ctx.target.decoder_graph!r}); this is a {ctx.task} model: choose cpu-fp32 or cpu-int8")
     first = next(iter(ctx.prepared.values()))
     ctx.base_path, ctx.base_fingerprint = first.base_path, first.base_fingerprint
     ctx.family = str(read_config(first.base_path).get("model_type", ""))
@@ -118,9 +121,6 @@ def read_adapters(ctx: ExportContext) -> None:
 def read_calibration(ctx: ExportContext) -> None:
     """A static int8 target's texts per task (``--calibrate``), read and checked before any work; refused for any
     other target. The base calibrates on them; every engine's parity is measured on some of them."""
-    if ctx.target.decoder_graph != "trace" and ctx.task != "causal-lm":
-        raise EdgeloraError(f"target {ctx.target.name} builds decoder graphs (decoder_graph = "
-                            f"{ctx.target.decoder_graph!r}); this is a {ctx.task} model: choose cpu-fp32 or cpu-int8")
     if _static(ctx):
         if ctx.task == "causal-lm":
             raise EdgeloraError(f"target {ctx.target.name}: static int8 (QDQ) is for encoders; use cpu-int8 or "
