@@ -425,10 +425,15 @@ def pack(folder: Path, output: Path, mixed: bool | None, force: bool, as_json: b
 
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--conformance", is_flag=True,
+              help="Also re-run the folder's reference vectors on this machine: each task vs PyTorch's outputs "
+                   "under the target's tolerances, A->B->A exactness, each task changes the outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def verify(folder: Path, as_json: bool) -> None:
+def verify(folder: Path, conformance: bool, as_json: bool) -> None:
     """Check a deployment folder as the runtime would, and more: every file's size and sha256 against the
-    manifest, every field of the manifest, every delta, W0 and the engines' loading."""
+    manifest, every field of the manifest, every delta, W0 and the engines' loading; with --conformance, what
+    this machine computes against the reference vectors the folder carries (exit 1 when a check fails)."""
+    from .errors import DeploymentError
     from .runtime import Runtime
 
     t0 = time.perf_counter()
@@ -436,11 +441,21 @@ def verify(folder: Path, as_json: bool) -> None:
     summary = {"folder": str(folder), "format": rt.manifest.format, "files": len(rt.manifest.files),
                "bytes": sum(e.size for e in rt.manifest.files.values()), "tasks": rt.tasks, "mode": rt.mode,
                "seconds": round(time.perf_counter() - t0, 2)}
+    test = rt.self_test() if conformance else None
+    if test is not None and test.unavailable is not None:
+        raise DeploymentError(test.unavailable)
     if as_json:
-        _print_json({"ok": True, **summary})
+        _print_json({"ok": test is None or test.ok, **summary,
+                     **({"conformance": test.to_json()} if test is not None else {})})
     else:
         click.echo(f"ok: {folder}: {summary['files']} files ({_human_bytes(summary['bytes'])}) match the manifest, "
                    f"{len(rt.tasks)} task(s) valid ({summary['seconds']} s)")
+        for check in test.checks if test is not None else ():
+            click.echo(f"  {check.line()}")
+        if test is not None and test.ok:
+            click.echo(test.summary())
+    if test is not None and not test.ok:
+        raise EdgeloraError(test.summary(), exit_code=1)
 
 
 @cli.command()

@@ -63,6 +63,8 @@ def plan_bundle(folder: Path, manifest: Manifest, mixed: bool | None = None) -> 
             need |= _engine_files(folder, manifest, t.engine)
         tasks[name] = replace(t, engine=t.engine if engine_needed else None,
                               engine_io=t.engine_io if engine_needed else None, ort_adapter=None)
+    if manifest.conformance is not None:  # the reference vectors: what the device checks itself with
+        need.add(manifest.conformance.file)
     if manifest.tokenizer is not None:
         need |= {f"{manifest.tokenizer}/{f}" for f in TOKENIZER_FILES if f"{manifest.tokenizer}/{f}" in manifest.files}
     files = sorted(need)

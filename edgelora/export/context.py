@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ..format.manifest import LoraGraph, MobileSpec, SwapSpec, TaskEntry
+from ..format.conformance import Reference
+from ..format.manifest import ConformanceSpec, LoraGraph, MobileSpec, SwapSpec, TaskEntry
 from ..lora import DeltaModule
 from ..prepare import Prepared
 from ..target import Target
@@ -52,6 +53,7 @@ class TaskResult:
     report: dict[str, Any] = field(default_factory=dict)  # the report's task row
     runtime_reference: np.ndarray | None = None  # the baked engine's logits on the runtime check's inputs
     entry: TaskEntry | None = None  # its manifest entry
+    conformance: Reference | None = None  # its reference inputs and PyTorch's outputs for them
 
 
 @dataclass
@@ -89,3 +91,6 @@ class ExportContext:
     started: float = 0.0
     tokenizer: Any = None  # transformers' tokenizer of the base, for --eval
     calibration_texts: dict[str, list[str]] = field(default_factory=dict)  # static int8: task -> its texts
+    conformance: ConformanceSpec | None = None  # the reference vectors written into the folder
+    conformance_unavailable: str | None = None  # or why there are none
+    conformance_report: dict[str, Any] = field(default_factory=dict)  # the self test run on the folder

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgeloraError
+from ..format.conformance import Reference, parse_references, reference_tensors, save_tensors
 from ..format.delta import save_float32_safetensors
 from ..format.layout import delta_path, ort_adapter_path, task_engine_path
-from ..format.manifest import parse_section
+from ..format.manifest import ConformanceSpec, ConformanceTask, ConformanceTolerance, parse_section
 from ..fsutil import atomic_output_dir, scratch_dir
 from ..target import Target
 from ..verify import Parity
@@ -37,6 +38,7 @@ from .context import BaseResult, ExportContext, TaskResult
 from .steps import (
     build_base,
     build_runtime_graphs,
+    check_conformance,
     check_request,
     check_runtime,
     choose_runtime_mode,
@@ -45,6 +47,7 @@ from .steps import (
     plan_baking,
     read_adapters,
     read_calibration,
+    write_conformance,
     write_manifest,
     write_report,
 )
@@ -53,6 +56,7 @@ BASE_STATE = "base-stage.json"
 BASE_WEIGHTS = "base-stage-w0.safetensors"
 TASK_STATE = "task-stage.json"
 TASK_REFERENCE = "task-stage-reference.safetensors"
+TASK_CONFORMANCE = "task-stage-conformance.safetensors"  # the task's reference vectors (inputs, PyTorch's outputs)
 STAGE_FORMAT = 1
 
 Progress = Callable[[str], None]
@@ -203,7 +207,20 @@ def task_stage(base_dir: Path, name: str, adapter: Path, target: Target, out: Pa
     if task.runtime_reference is not None:
         save_float32_safetensors({"logits": np.ascontiguousarray(task.runtime_reference, np.float32)},
                                  out / TASK_REFERENCE, {"format": str(STAGE_FORMAT)})
+    if task.conformance is not None:
+        record["conformance"] = {"outputs": sorted(task.conformance.outputs), "positions": task.conformance.positions}
+        save_tensors(reference_tensors({name: task.conformance}), out / TASK_CONFORMANCE, {"format": str(STAGE_FORMAT)})
     (out / TASK_STATE).write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _task_conformance(task_dir: Path, name: str, record: dict[str, Any]) -> Reference | None:
+    """A task stage's reference vectors (None for a stage written without them)."""
+    path, spec = task_dir / TASK_CONFORMANCE, record.get("conformance")
+    if spec is None or not path.is_file():
+        return None
+    conf = ConformanceSpec(path.name, "pytorch", ConformanceTolerance(0.0, 0.0, 0.0),
+                           {name: ConformanceTask(tuple(spec["outputs"]), spec["positions"])})
+    return parse_references(path.read_bytes(), conf, str(path))[name]
 
 
 def task_state(task_dir: Path) -> dict[str, Any]:
@@ -239,9 +256,11 @@ def assemble(base_dir: Path, task_dirs: Mapping[str, Path], target: Target, outp
             t = TaskResult(name, None, {}, {}, record["not_swappable"], engine=record["engine"],
                            engine_io=record["engine_io"], report=record["report"],
                            runtime_reference=load_file(str(ref))["logits"] if ref.exists() else None,
-                           entry=parse_section("task", record["entry"], str(task_dir / TASK_STATE), name))
+                           entry=parse_section("task", record["entry"], str(task_dir / TASK_STATE), name),
+                           conformance=_task_conformance(task_dir, name, record))
             ctx.tasks[name] = t
             ctx.failures += record["failures"]
-        for step in (convert_mobile, write_manifest, check_runtime, choose_runtime_mode, write_report):
+        for step in (convert_mobile, write_conformance, write_manifest, check_runtime, choose_runtime_mode,
+                     check_conformance, write_report):
             step(ctx)
     return ctx.report

@@ -34,6 +34,7 @@ from .. import __version__
 from ..adapter import load_adapter
 from ..base import DEFAULT_BASE_NAME, bundled_base_path, read_config
 from ..errors import EdgeloraError
+from ..format.conformance import CONFORMANCE_FILE, Reference, reference_tensors, save_tensors
 from ..format.delta import write_delta
 from ..format.files import file_table
 from ..format.layout import (
@@ -50,6 +51,9 @@ from ..format.manifest import (
     FORMAT_VERSION,
     TASK_NAME,
     BaseInfo,
+    ConformanceSpec,
+    ConformanceTask,
+    ConformanceTolerance,
     DeviceProviderSpec,
     EngineIO,
     Manifest,
@@ -188,6 +192,7 @@ def export_tasks(ctx: ExportContext) -> None:
         if ctx.target.bake_task_engines:
             _bake(ctx, task)
             _verify_baked(ctx, task)
+        task.conformance = _reference_vectors(ctx, task)
         task.entry = _entry(task)
         ctx.tasks[name] = task
 
@@ -367,6 +372,40 @@ def _any_feeds(ctx: ExportContext, sess: Any) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- the folder
+def write_conformance(ctx: ExportContext) -> None:
+    """``conformance.safetensors``: each task's reference inputs and PyTorch's outputs for them, with the target's
+    tolerances (the manifest's ``conformance`` section): what ``Runtime.self_test`` re-runs on the device. A
+    folder the runtime does not run through ONNX Runtime gets none, and the manifest says why."""
+    refs = {name: t.conformance for name, t in ctx.tasks.items() if t.conformance is not None}
+    if ctx.target.backend != "onnxruntime":
+        ctx.conformance_unavailable = (f"backend {ctx.target.backend}: the runtime's self test runs ONNX Runtime "
+                                       "folders only")
+        return
+    if not refs or len(refs) != len(ctx.tasks):
+        ctx.conformance_unavailable = "no PyTorch reference for a task of this folder"
+        return
+    tol = ctx.target.tolerance
+    save_tensors(reference_tensors(refs), ctx.out / CONFORMANCE_FILE, {"format": "1", "reference": "pytorch"})
+    ctx.conformance = ConformanceSpec(
+        CONFORMANCE_FILE, "pytorch", ConformanceTolerance(tol.max_abs_diff, tol.min_cosine, tol.min_agreement),
+        {name: ConformanceTask(tuple(r.outputs), r.positions) for name, r in refs.items()})
+
+
+def check_conformance(ctx: ExportContext) -> None:
+    """The device's own check (``Runtime.self_test``) run on the folder before it is published: a folder that
+    fails it here is never written. Its time and check count go to the report."""
+    if ctx.conformance is None or ctx.failures:
+        return
+    ctx.step("conformance: the folder's reference vectors through the on-device runtime")
+    from ..runtime import Runtime
+
+    result = Runtime.open(ctx.out, threads=ctx.threads, provider=ctx.target.provider).self_test()
+    ctx.conformance_report = {"checks": len(result.checks), "seconds": round(result.seconds, 3),
+                              "mode": result.mode, "ok": result.ok}
+    if not result.ok:
+        ctx.failures.append(result.summary())
+
+
 def write_manifest(ctx: ExportContext) -> None:
     ctx.step("writing manifest and report")
     base, out = _base(ctx), ctx.out
@@ -388,6 +427,7 @@ def write_manifest(ctx: ExportContext) -> None:
         name_map=base.locations, name_map_graph="fused fp32" if base.build.fused else "fp32",
         lora_graph=base.branches, swap=base.swap,
         swap_unavailable=base.swap_reason, mobile=ctx.mobile,
+        conformance=ctx.conformance, conformance_unavailable=ctx.conformance_unavailable,
         tasks={name: t.entry for name, t in ctx.tasks.items() if t.entry is not None},
         # size and sha256 of every file the folder holds, reports (written after) excepted: the runtime
         # checks what it reads against them, `edgelora verify` checks all of them
@@ -519,14 +559,15 @@ def write_report(ctx: ExportContext) -> None:
         **({"mobile": ctx.mobile_report} if ctx.mobile_report else {}),
         "export_seconds": round(time.perf_counter() - ctx.started, 1),
         "machine": {"threads": ctx.threads, "cpu": platform.processor() or platform.machine()},
+        **({"conformance": ctx.conformance_report} if ctx.conformance_report else {}),
         "failures": ctx.failures,
     }
     write_json(ctx.out / REPORT_JSON, ctx.report)
     (ctx.out / REPORT_MD).write_text(report_markdown(ctx.report), encoding="utf-8")
 
 
-BUILD_STEPS = (build_base, build_runtime_graphs, plan_baking, export_tasks, convert_mobile, write_manifest,
-               check_runtime, choose_runtime_mode, write_report)
+BUILD_STEPS = (build_base, build_runtime_graphs, plan_baking, export_tasks, convert_mobile, write_conformance,
+               write_manifest, check_runtime, choose_runtime_mode, check_conformance, write_report)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -661,6 +702,38 @@ def _latency(ctx: ExportContext, sess: Any, spec: dict[str, Any], runs: int) -> 
     vocab = int(ctx.model_config.vocab_size)
     feeds = latency_inputs(sess, spec, ctx.target.shapes.batch, ctx.target.shapes.sequence, vocab)
     return session_latency(sess, feeds, runs=runs)["median_ms"]
+
+
+def _reference_vectors(ctx: ExportContext, task: TaskResult) -> Reference | None:
+    """The task's reference inputs and what PyTorch (the fp32 model with the adapter merged, as every engine is
+    checked against) computes for them: the runtime check's two rows (one half padding) for an encoder, two
+    prompts' logits at their last position for a decoder; a static int8 target's own texts (random ids lie
+    outside its calibrated ranges)."""
+    import torch
+
+    from ..verify import torch_encoder_outputs
+
+    p = task.prepared
+    if p is None:
+        return None
+    merge_into_model(p.model, p.plan, _base(ctx).layouts)  # a no-op where the checks merged it already
+    inputs = _runtime_inputs(ctx)
+    texts = ctx.calibration_texts.get(task.name) or next(iter(ctx.calibration_texts.values()), None)
+    if texts and ctx.task != "causal-lm":
+        enc = _tokenizer(ctx)(texts[-4:], padding="max_length", truncation=True,
+                              max_length=ctx.target.shapes.sequence, return_tensors="np")
+        inputs = {"input_ids": enc["input_ids"].astype(np.int64),
+                  "attention_mask": enc["attention_mask"].astype(np.int64)}
+    if ctx.task == "causal-lm":
+        with torch.no_grad():
+            logits = p.model(input_ids=torch.from_numpy(inputs["input_ids"]),
+                             attention_mask=torch.from_numpy(inputs["attention_mask"])).logits
+        return Reference(inputs, {"logits": logits[:, -1].float().numpy()}, "last")
+    classifier = ctx.task == "sequence-classification"
+    outputs = torch_encoder_outputs(p.model, inputs, headless=not classifier)
+    engine_outputs = set(_base(ctx).build.spec["outputs"])  # a headless task's outputs are the base engine's
+    return Reference(inputs, {k: np.ascontiguousarray(v, np.float32) for k, v in outputs.items()
+                              if classifier or k in engine_outputs}, "all")
 
 
 def _runtime_inputs(ctx: ExportContext) -> dict[str, np.ndarray]:

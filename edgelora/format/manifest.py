@@ -229,6 +229,10 @@ class Manifest:
     # decoders on a shared-cache graph: how the runtime runs tasks by default ("swap", "unmerged" or "engines"),
     # chosen by ``edgelora export`` from what it measured on this folder, and why
     runtime_mode: RuntimeMode | None = None
+    # reference inputs and each task's expected outputs (PyTorch's) with the target's tolerances: what
+    # ``Runtime.self_test`` / ``edgelora verify --conformance`` re-run on the machine that holds the folder
+    conformance: ConformanceSpec | None = None
+    conformance_unavailable: str | None = None  # why the folder has no reference vectors
 
     def to_json(self) -> dict[str, Any]:
         """The manifest.json this describes (``parse_manifest(m.to_json())`` gives ``m`` back)."""
@@ -240,6 +244,9 @@ class Manifest:
                 "tasks": {n: t.to_json() for n, t in self.tasks.items()},
                 **({"mobile": self.mobile.to_json()} if self.mobile else {}),
                 **({"runtime_mode": self.runtime_mode.to_json()} if self.runtime_mode else {}),
+                **({"conformance": self.conformance.to_json()} if self.conformance else {}),
+                **({"conformance_unavailable": self.conformance_unavailable} if self.conformance_unavailable
+                   else {}),
                 "files": {rel: e.to_json() for rel, e in self.files.items()}}
 
 
@@ -284,7 +291,9 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
                         name_map_f.get("graph", _is_str, "a string", optional=True, default=""),
                         top.get("swap_unavailable", _is_str, "a string", optional=True),
                         _mobile(top.sub("mobile")) if top.has("mobile") else None,
-                        _runtime_mode(top.sub("runtime_mode")) if top.has("runtime_mode") else None)
+                        _runtime_mode(top.sub("runtime_mode")) if top.has("runtime_mode") else None,
+                        _conformance(top.sub("conformance"), set(tasks)) if top.has("conformance") else None,
+                        top.get("conformance_unavailable", _is_str, "a string", optional=True))
     _check_listed(manifest, where)
     return manifest
 
@@ -318,6 +327,71 @@ def _runtime_mode(f: _Fields) -> RuntimeMode:
     measured = f.get("measured", lambda v: isinstance(v, dict), "an object", optional=True, default={})
     return RuntimeMode(f.get("mode", lambda v: v in RUNTIME_MODES, f"one of {', '.join(RUNTIME_MODES)}"),
                        f.get("why", _is_str, "a string", optional=True, default=""), measured)
+
+
+CONFORMANCE_POSITIONS = ("all", "last")
+
+
+@dataclass(frozen=True)
+class ConformanceTolerance:
+    """The target's ``[tolerance]`` the outputs are held to, against PyTorch (not against the building machine's
+    engine: int8 kernels legitimately differ between CPUs)."""
+
+    max_abs_diff: float
+    min_cosine: float
+    min_agreement: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"max_abs_diff": self.max_abs_diff, "min_cosine": self.min_cosine,
+                "min_agreement": self.min_agreement}
+
+
+@dataclass(frozen=True)
+class ConformanceTask:
+    """One task's reference vectors in the conformance file: ``{task}/input_ids``, ``{task}/attention_mask``
+    (int64, batch × sequence) and ``{task}/{output}`` (float32) for each of ``outputs``, PyTorch's values at
+    every position (``"all"``) or at the last position only (``"last"``: decoders, whose logits over a whole
+    vocabulary at every position would weigh megabytes)."""
+
+    outputs: tuple[str, ...]
+    positions: str = "all"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outputs": list(self.outputs), "positions": self.positions}
+
+
+@dataclass(frozen=True)
+class ConformanceSpec:
+    """``conformance.safetensors``: reference inputs and each task's expected outputs computed by PyTorch (the
+    export's fp32 merged model), and the tolerances they are held to wherever the folder runs."""
+
+    file: str
+    reference: str  # who computed the expected outputs ("pytorch")
+    tolerance: ConformanceTolerance
+    tasks: Mapping[str, ConformanceTask]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "reference": self.reference, "tolerance": self.tolerance.to_json(),
+                "tasks": {n: t.to_json() for n, t in sorted(self.tasks.items())}}
+
+
+def _conformance(f: _Fields, task_names: set[str]) -> ConformanceSpec:
+    tol = f.sub("tolerance")
+    number = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v, "a number")
+    tolerance = ConformanceTolerance(*(float(tol.get(k, *number)) for k in ("max_abs_diff", "min_cosine",
+                                                                              "min_agreement")))
+    tasks_f = f.sub("tasks")
+    tasks = {}
+    for name in tasks_f.d:
+        if name not in task_names:
+            raise tasks_f.error(name, name, "a task of the manifest's tasks")
+        t = tasks_f.sub(name)
+        outputs = t.get("outputs", lambda v: isinstance(v, list) and v and all(
+            isinstance(x, str) and TASK_NAME.fullmatch(x) for x in v), "a list of output names")
+        positions = t.get("positions", lambda v: v in CONFORMANCE_POSITIONS, "'all' or 'last'", optional=True,
+                          default="all")
+        tasks[name] = ConformanceTask(tuple(outputs), positions)
+    return ConformanceSpec(f.path("file"), f.text("reference"), tolerance, tasks)
 
 
 def _base(f: _Fields) -> BaseInfo:
@@ -368,7 +442,7 @@ def _swap(f: _Fields) -> SwapSpec:
         recipe = w.text("recipe")
         if recipe not in RECIPES:
             raise w.error("recipe", recipe, f"one of {', '.join(RECIPES)} (a newer edgelora wrote it? update)")
-        want = {"weight", "scale"} if recipe == "int8" else {"weight"}
+        want = {"weight", "scale"} if recipe.startswith("int8") else {"weight"}
         inputs = w.get("inputs", lambda v, want=want: isinstance(v, dict) and set(v) == want and all(
             isinstance(x, str) and x for x in v.values()), f"an object with {', '.join(sorted(want))} names")
         shape = w.get("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(
@@ -467,6 +541,8 @@ def _check_listed(m: Manifest, where: str) -> None:
             paths[f"tasks.{t.name}.engine"] = t.engine
         if t.ort_adapter:
             paths[f"tasks.{t.name}.ort_adapter"] = t.ort_adapter
+    if m.conformance is not None:
+        paths["conformance.file"] = m.conformance.file
     if m.mobile is not None:
         paths = _mobile_paths(m.mobile, paths)
     for fld, rel in paths.items():

@@ -576,6 +576,47 @@ class Runtime:
             return self._session, self._swap.slots[state.slot].arrays  # type: ignore[union-attr]
         return self._session, {}
 
+    # ------------------------------------------------------------------ checking itself
+    def self_test(self, baked: bool = True) -> Any:
+        """Re-run the folder's reference vectors on this machine (``conformance.py``): each task in this
+        runtime's mode and on its baked engine (``baked``) vs PyTorch's outputs under the target's tolerances,
+        whether each task changes the outputs, A→B→A bit-exactness. Returns a ``SelfTest`` (``.ok``,
+        ``.summary()``, ``.checks``); a folder without reference vectors gives one whose ``unavailable`` says so.
+        It switches the active task while it runs (call it before serving) and restores it at the end."""
+        from .conformance import Runner, SelfTest, load_references, run_self_test
+
+        started = time.perf_counter()
+        refs = load_references(self.folder, self.manifest)
+        if isinstance(refs, str):
+            return SelfTest((), time.perf_counter() - started, refs, self.mode)
+
+        def run(task: str | None, ref: Any) -> dict[str, np.ndarray]:
+            return self.run(**ref.inputs)  # the active task: the runner activated it
+
+        def base_with_head(task: str, ref: Any) -> dict[str, np.ndarray]:
+            delta = self._delta(task)
+            self.activate(None)
+            out = self.run(**ref.inputs)
+            if self.headless and delta.head and not unsupported(delta.head):
+                return apply_head(delta.head, out, ref.inputs["attention_mask"], delta.pooling)
+            return out
+
+        def on_engine(task: str, ref: Any) -> dict[str, np.ndarray] | None:
+            delta = self._delta(task)
+            if delta.engine is None or self._needs_engine(delta):  # none, or already what the mode runs
+                return None
+            return self._run_state(_State(task, delta, session=self._engine(delta)), self._feeds.check(ref.inputs))
+
+        spec = self.manifest.conformance
+        assert spec is not None  # load_references returned vectors
+        start = self.active
+        try:
+            return run_self_test(Runner(run, base_with_head, on_engine if baked else lambda t, r: None,
+                                        self.activate, self._forget_built),
+                                 refs, spec.tolerance, self.mode, started)
+        finally:
+            self.activate(start)
+
     # ------------------------------------------------------------------ measuring
     def _forget_built(self, encodings: bool = False) -> None:
         """Benchmarks only: treat every slot but the active one as holding nothing, so the next switch rebuilds
