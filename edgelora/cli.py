@@ -190,11 +190,12 @@ def _guess_task(train_file: Path) -> str:
 def merge(adapter: Path, output: Path, base: str | None, force: bool, allow_pickle: bool, as_json: bool,
           quiet: bool) -> None:
     """Fold an adapter into the base in fp32 and write a normal HF model folder."""
-    from .fsutil import check_output_dir
+    from .base import resolve_base
+    from .fsutil import check_output
     from .merged_model import write_merged_model
     from .prepare import prepare
 
-    check_output_dir(output, force)  # before loading anything
+    check_output(output, force=force, inputs=[("adapter", adapter), ("base", resolve_base(base))])  # before loading
     with _steps(5, "merge", quiet) as step:
         prepared = prepare(base, adapter, allow_pickle=allow_pickle, progress=step)
         step("merging in fp32 and writing")

@@ -10,6 +10,11 @@ The finished folder takes the output's place in one step: a ``rename`` when the 
 old contents sit under the temporary name (unlocked, so removed now or by the next command if a kill
 comes first). No kill point leaves an output that is half old, half new, or a ``.old`` folder behind.
 A full disk or a folder without write permission is a one-line error naming the output.
+
+Outputs never destroy inputs (:func:`check_output`, which every command that writes a folder calls before any
+work): an output may not be, contain or lie inside one of the command's inputs, nor be ``/``, a home folder or
+the folder the user stands in; and ``--force`` replaces only a folder edgelora made (:func:`made_by_edgelora`:
+the files it always writes there, or a ``.edgelora-output`` mark where it writes none of them).
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import EdgeloraError
@@ -29,14 +35,157 @@ from .errors import EdgeloraError
 TMP_MARK = ".edgelora-tmp-"
 WORK_DIR = ".work"
 _RENAME_EXCHANGE = 2  # linux/fs.h
+MARK = ".edgelora-output"  # in an output folder that holds none of the records below: edgelora made it
+_MARK_TEXT = "made by edgelora: `--force` may replace this folder\n"
+# Records only edgelora writes, each recognised by a field no other tool's file of that name has: a folder that
+# holds one was made by edgelora (also those made before the mark existed), and carries no mark beside it (a
+# device bundle holds only what the runtime reads).
+_RECORDS = (
+    ("manifest.json", "edgelora_version"),  # deployment folder, device bundle
+    ("edgelora.json", "base_fingerprint"),  # adapter trained by edgelora
+    ("config.json", "edgelora_merged_adapter"),  # merged model (base.MERGED_MARKER)
+    ("cell.json", "key"),  # build cache cell
+    (".edgelora-build.json", None),  # a pipeline's output folder (pipeline/build.py STAMP)
+)
+InputPaths = Iterable[tuple[str, "str | os.PathLike[str] | None"]]
+
+
+def made_by_edgelora(folder: Path) -> bool:
+    """Whether ``folder`` is one edgelora wrote: it holds the mark, or one of the records only edgelora writes."""
+    if (folder / MARK).is_file() and not (folder / MARK).is_symlink():
+        return True
+    for name, field in _RECORDS:
+        record = folder / name
+        try:
+            if not record.is_file() or record.is_symlink() or record.stat().st_size > 64 << 20:
+                continue
+            if field is None:
+                return True
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and field in data:
+            return True
+    return False
+
+
+def mark_output(folder: Path) -> None:
+    """Mark ``folder`` as edgelora's unless a record already says so (a folder a command writes into beside what
+    is there: a pipeline's output)."""
+    if not made_by_edgelora(folder):
+        (folder / MARK).write_text(_MARK_TEXT, encoding="utf-8")
+
+
+def _real(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _homes() -> set[Path]:
+    """The user's home, root's, and every folder at the top of /home."""
+    homes = {Path("/root"), Path.home()}
+    with contextlib.suppress(OSError, RuntimeError):
+        homes.add(Path(os.path.expanduser("~")))
+        homes |= {p for p in Path("/home").iterdir() if p.is_dir()}
+    return {_real(h) for h in homes}
+
+
+def check_output(path: str | os.PathLike[str], *, force: bool = False, inputs: InputPaths = (),
+                 replace: bool = True, name: str = "output") -> Path:
+    """Refuse an output that would destroy something; returns its real path. Every command that writes a folder
+    calls it before any work (and :func:`atomic_output_dir` again, without the inputs, as it starts).
+
+    ``inputs``: (what, path) of everything the command reads (adapter folders, the base, data files, the folder
+    being packed, the pipeline file); the output may not be one, contain one or lie inside one: replacing it would
+    delete that input, or writing into it would change it. Never ``/``, a home folder or one that holds one, nor
+    (``replace``: a folder the command swaps whole) the current folder or one that holds it: the user's shell would
+    be left in a deleted folder. An existing output must be a folder; a non-empty one needs ``force`` and must be
+    one edgelora made (:func:`made_by_edgelora`), so ``--force`` on the wrong path deletes nothing of the user's.
+    ``replace=False``: a folder the command writes into beside what is there (a pipeline's output), which must
+    then be empty or edgelora's. A path that cannot be written (under a file, a read-only place) is refused too,
+    before the work and not after it.
+    """
+    given = Path(path)
+    real = _real(given)
+    _refuse_places(given, real, replace, name)
+    _refuse_inputs(given, real, inputs, name)
+    if given.is_symlink():
+        raise EdgeloraError(f"{name} {given} is a symbolic link; give the folder it points to "
+                            f"({os.path.realpath(given)}) or a new path")
+    if given.exists() and not given.is_dir():
+        raise EdgeloraError(f"{name} {given} exists and is a file; choose a folder path or remove it")
+    try:
+        full = given.is_dir() and any(given.iterdir())
+    except OSError as exc:
+        raise EdgeloraError(f"cannot read {name} {given} ({exc.strerror or exc}); choose a folder you own") from None
+    if full and not made_by_edgelora(given):
+        if not replace:
+            raise EdgeloraError(f"{name} {given} holds files edgelora did not write; choose a new or empty folder")
+        if force:
+            raise EdgeloraError(f"{name} {given} was not made by edgelora; refusing to replace it with --force; "
+                                "choose a new path")
+    if full and replace and not force:
+        raise EdgeloraError(f"{name} {given} exists and is not empty; choose a new path or pass --force")
+    _probe(given, name)
+    return real
+
+
+def _refuse_places(given: Path, real: Path, replace: bool, name: str) -> None:
+    """``/``, a home folder (or one that holds one), and for a folder replaced whole, the current folder (or one
+    that holds it)."""
+    if real == Path(real.anchor):
+        raise EdgeloraError(f"{name} {given} is the root folder /; choose a folder of its own, e.g. ./out")
+    home = next((h for h in sorted(_homes()) if h.is_relative_to(real)), None)
+    if home is not None:
+        which = "a home folder" if home == real else f"a folder that holds the home folder {home}"
+        raise EdgeloraError(f"{name} {given} is {which}; choose a new folder inside it, e.g. {home / 'out'}")
+    try:
+        cwd = _real(os.getcwd())
+    except OSError:  # the current folder was deleted: nothing to protect
+        return
+    if replace and cwd.is_relative_to(real):
+        which = "is the current folder" if cwd == real else f"holds the current folder {cwd}"
+        raise EdgeloraError(f"{name} {given} {which}; replacing it would leave you in a deleted folder; choose a "
+                            "new folder below it, e.g. ./out")
+
+
+def _refuse_inputs(given: Path, real: Path, inputs: InputPaths, name: str) -> None:
+    for what, inp in inputs:
+        if inp is None:
+            continue
+        source = _real(inp)
+        if real == source:
+            relation = "is"
+        elif source.is_relative_to(real):
+            relation = "contains"
+        elif real.is_relative_to(source):
+            relation = "lies inside"
+        else:
+            continue
+        raise EdgeloraError(f"{name} {given} {relation} the {what} {inp}; writing there would destroy or change "
+                            "an input; choose a path outside every input")
+
+
+def _probe(path: Path, name: str) -> None:
+    """Make and remove a folder where the output will go (its nearest existing folder): an output under a file
+    or in a place no one may write fails here, before minutes of work, not after them."""
+    here = path.absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise EdgeloraError(f"cannot write {name} {path}: {here} is a file; choose a folder path")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}probe-", dir=here)
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT) and disk_error(exc, path, here)
+        raise full or EdgeloraError(
+            f"cannot write {name} {path} ({exc.strerror or exc}); choose a writable location") from None
+    with contextlib.suppress(FileNotFoundError):  # another command's cleanup may have taken it (it was unlocked)
+        os.rmdir(probe)
 
 
 def check_output_dir(path: Path, force: bool) -> None:
-    """Refuse an output path that exists and is not an empty folder, unless ``force``."""
-    if path.exists() and not path.is_dir():
-        raise EdgeloraError(f"output {path} exists and is a file; choose a folder path or remove it")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise EdgeloraError(f"output {path} exists and is not empty; choose a new path or pass --force")
+    """:func:`check_output` without inputs (the rules every output folder is held to)."""
+    check_output(path, force=force)
 
 
 def remove_stale(parent: Path) -> list[Path]:
@@ -107,7 +256,7 @@ def atomic_output_dir(path: str | os.PathLike[str], force: bool = False) -> Iter
     remove) and ``path`` is left as it was. Scratch files go in :func:`scratch_dir` of the yielded folder.
     """
     final = Path(path).absolute()
-    check_output_dir(final, force)
+    check_output(final, force=force)
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +273,7 @@ def atomic_output_dir(path: str | os.PathLike[str], force: bool = False) -> Iter
     try:
         yield tmp
         shutil.rmtree(tmp / WORK_DIR, ignore_errors=True)
+        mark_output(tmp)  # published with the folder: --force may replace it later
         for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
             if f.is_file() and not f.is_symlink():
                 f.chmod(0o666 & ~umask)

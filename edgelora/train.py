@@ -34,7 +34,7 @@ from .base import (
     resolve_base,
 )
 from .errors import EdgeloraError
-from .fsutil import atomic_output_dir, check_output_dir
+from .fsutil import atomic_output_dir, check_output
 
 TRAIN_TASKS = ("sequence-classification", "causal-lm")
 
@@ -419,8 +419,9 @@ def train(  # noqa: C901
         raise EdgeloraError(f"--task {task!r} is not trainable; use one of {', '.join(TRAIN_TASKS)}")
     if eval_file is not None and val_fraction is not None:
         raise EdgeloraError("pass either --eval FILE or --val-fraction, not both")
-    check_output_dir(Path(output), force)  # fail before minutes of training, not after
     base_path = resolve_base(base)
+    check_output(output, force=force, inputs=[("training data", train_file), ("eval data", eval_file),
+                                              ("base", base_path)])  # before minutes of training, not after
     if cfg.pooling is not None and task != "sequence-classification":
         raise EdgeloraError(f"--pooling is for sequence classification; --task {task} has no classifier to feed")
     base_name = DEFAULT_BASE_NAME if base_path == bundled_base_path() else str(base)

@@ -145,8 +145,14 @@ def test_output_exists_and_is_not_empty(adapter, tiny_dir, tmp_path, cli):
     _assert_one_line_error(res, [str(out), "--force"])
     assert tree(out) == ["keep.txt"]
     res = cli("merge", "--base", tiny_dir("bert"), "--adapter", adapter, "-o", out, "--force")
+    _assert_one_line_error(res, [str(out), "not made by edgelora"])  # --force replaces only edgelora's folders
+    assert tree(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert cli("merge", "--base", tiny_dir("bert"), "--adapter", adapter, "-o", out).code == 0
+    (out / "stale.txt").write_text("from an earlier merge")
+    res = cli("merge", "--base", tiny_dir("bert"), "--adapter", adapter, "-o", out, "--force")
     assert res.code == 0, res.err
-    assert "keep.txt" not in tree(out) and "model.safetensors" in tree(out)
+    assert "stale.txt" not in tree(out) and "model.safetensors" in tree(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temp folders left
 
 

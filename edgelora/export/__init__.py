@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeloraError
-from ..fsutil import atomic_output_dir, check_output_dir, scratch_dir
+from ..fsutil import atomic_output_dir, check_output, scratch_dir
 from ..target import Target
 from .context import ExportContext
 from .report import engine_size, format_table, report_markdown, report_rows
@@ -84,10 +84,15 @@ def export(
     static int8 targets' texts, task name ("" for every task) -> file (see ``export/calibration.py``)."""
     if bake not in ("auto", "reexport"):
         raise EdgeloraError(f"bake = {bake!r}; use 'auto' or 'reexport'")
+    from ..base import resolve_base
     from ..converters import get_backend
 
     output = Path(output)
-    check_output_dir(output.absolute(), force)
+    check_output(output, force=force, inputs=[
+        ("base", resolve_base(base)), ("target file", target.source or None),
+        *((f"adapter {n}", p) for n, p in adapters.items()),
+        *((f"eval file of {n}", p) for n, p in (evals or {}).items()),
+        *((f"calibration file of {n or 'every task'}", p) for n, p in (calibrate or {}).items())])
     ctx = ExportContext(base, {k: Path(v) for k, v in adapters.items()}, target, output,
                         {k: Path(v) for k, v in (evals or {}).items()}, threads, latency_runs, allow_pickle,
                         progress or (lambda step: None), backend=get_backend(target.backend),

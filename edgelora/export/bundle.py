@@ -22,7 +22,7 @@ from ..errors import EdgeloraError
 from ..format.files import read_bytes, verify_files
 from ..format.layout import MANIFEST, write_json
 from ..format.manifest import Manifest, read_manifest
-from ..fsutil import atomic_output_dir
+from ..fsutil import atomic_output_dir, check_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what runtime/text.py reads
 
@@ -109,6 +109,7 @@ def pack(folder: str | os.PathLike[str], output: str | os.PathLike[str], mixed: 
          force: bool = False) -> Bundle:
     """Write the device bundle of ``folder`` to ``output`` (every file checked against the manifest)."""
     folder = Path(folder)
+    check_output(output, force=force, inputs=[("deployment folder", folder)])  # -o DIR for DIR: it would be lost
     manifest = read_manifest(folder)
     bundle = plan_bundle(folder, manifest, mixed)
     with atomic_output_dir(output, force=force) as out:

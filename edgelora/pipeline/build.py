@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import EdgeloraError
 from .cache import Cache, atomic_write_text, digest, file_sha256, folder_sha256
 from .executors import make_executor
-from .spec import DataSelection, Pipeline, load_pipeline, only_cell
+from .spec import DataSelection, Pipeline, check_outputs, load_pipeline, only_cell
 
 STAMP = ".edgelora-build.json"  # in the output folder: which cells each deployment folder was assembled from
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "edgelora.json")
@@ -91,6 +91,8 @@ class Build:
         self.prepare, self.force, self.quiet = prepare, force, quiet
         self.cache = Cache(self.p.cache.resolve())
         self.base_path = resolve_base(self.p.base)
+        if only is None and not prepare:  # the only runs that write the output folder
+            check_outputs(self.p, list(self.labels.values()), self.base_path)
         self.base_fp = fingerprint(self.base_path)
         self.jobs, self.executor_kind, self.ray_address = jobs, executor, ray_address
         self.executor: Any = None

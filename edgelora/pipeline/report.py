@@ -113,11 +113,32 @@ def write_report(b: Any) -> dict[str, Any]:
     report["changed"] = _changes(report, previous)
     report["wall_seconds"] = round(time.perf_counter() - b.started, 2)
     if b.only is None and not b.prepare:
+        _write_files(report, out)
+    return report
+
+
+def _write_files(report: dict[str, Any], out: Path) -> None:
+    """report.json, report.md and the charts; a disk's refusal is one line naming the folder (the deployment
+    folders are already published by then), and leaves no half-written file."""
+    import contextlib
+    import os
+
+    from ..errors import EdgeloraError
+    from ..fsutil import disk_error, mark_output
+
+    try:
         out.mkdir(parents=True, exist_ok=True)
+        mark_output(out)
         atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str))
         atomic_write_text(out / "report.md", markdown(report))
         report["charts"] = charts(report, out / "charts")
-    return report
+    except OSError as exc:
+        for name in ("report.json", "report.md"):  # atomic_write_text's, if it was cut short
+            with contextlib.suppress(OSError):
+                (out / f".{name}.{os.getpid()}.tmp").unlink()
+        raise disk_error(exc, out, out) or EdgeloraError(
+            f"cannot write the build report in {out} ({exc.strerror or exc}); the deployment folders were "
+            "written; make the output folder writable and build again (cached cells are reused)") from None
 
 
 def _previous(out: Path) -> dict[str, Any] | None:

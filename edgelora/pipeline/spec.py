@@ -255,6 +255,36 @@ def _selection(value: Any, field_: str, where: str, root: Path) -> DataSelection
                                                                   "an integer ≥ 0", 0))
 
 
+def pipeline_inputs(pipeline: Pipeline, base_path: Path | None) -> list[tuple[str, Path | None]]:
+    """(what, path) of everything a build reads: the pipeline file, the base, target files, adapter folders and
+    data files."""
+    out: list[tuple[str, Path | None]] = [("pipeline file", pipeline.source), ("base", base_path)]
+    out += [("target file", Path(t)) for t in pipeline.targets if t.endswith(".toml") or "/" in t]
+    for name, t in pipeline.tasks.items():
+        out += [(f"adapter of tasks.{name}", t.adapter), (f"eval file of tasks.{name}", t.eval and t.eval.file),
+                (f"training data of tasks.{name}", t.train and t.train.data.file),
+                (f"calibration file of tasks.{name}", t.calibrate and t.calibrate.file)]
+    return out
+
+
+def check_outputs(pipeline: Pipeline, labels: list[str], base_path: Path | None) -> None:
+    """Refuse a build whose output would destroy what it reads, before any cell is built: the output folder (written
+    into beside what is there: new, empty or an earlier build's) and each target's deployment folder and bundle
+    (replaced whole: absent, empty or edgelora's) may not be, contain or lie inside an input, the cache excepted
+    where it is only contained (``output = "build"``, ``cache = "build/cache"``); never ``/`` or a home folder."""
+    from ..fsutil import check_output
+
+    inputs = pipeline_inputs(pipeline, base_path)
+    where = f"{pipeline.source.name}: output"
+    out = pipeline.output
+    check_output(out, inputs=inputs, replace=False, name=where)
+    if pipeline.cache.resolve() == out.resolve() or out.resolve().is_relative_to(pipeline.cache.resolve()):
+        raise EdgeloraError(f"{where} {out} is or lies inside the cache {pipeline.cache}; give each its own folder")
+    for label in labels:
+        for folder in (out / label, *([out / f"{label}.bundle"] if pipeline.bundle else [])):
+            check_output(folder, force=True, inputs=[*inputs, ("cache", pipeline.cache)], name=where)
+
+
 def only_cell(spec: str, pipeline: Pipeline) -> tuple[str, str]:
     """``--only TASK/TARGET`` checked against the pipeline's cells."""
     m = re.fullmatch(r"([^/]+)/(.+)", spec)
