@@ -44,7 +44,7 @@ class Check:
 
     def line(self) -> str:
         return f"{'pass' if self.ok else 'FAIL'}  {self.task}: {self.check}: {self.measured}" + (
-            f" (bound {self.bound})" if self.bound else "")
+            f" (bound {self.bound})" if self.bound and self.bound != self.measured else "")
 
 
 @dataclass(frozen=True)
