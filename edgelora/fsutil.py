@@ -82,9 +82,10 @@ def _real(path: str | os.PathLike[str]) -> Path:
 
 def _homes() -> set[Path]:
     """The user's home, root's, and every folder at the top of /home."""
-    homes = {Path("/root"), Path.home()}
-    with contextlib.suppress(OSError, RuntimeError):
-        homes.add(Path(os.path.expanduser("~")))
+    homes = {Path("/root")}
+    with contextlib.suppress(OSError, RuntimeError, KeyError):  # no HOME and no passwd entry: no home to protect
+        homes.add(Path.home())
+    with contextlib.suppress(OSError):
         homes |= {p for p in Path("/home").iterdir() if p.is_dir()}
     return {_real(h) for h in homes}
 
