@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -118,7 +119,7 @@ def check_output(path: str | os.PathLike[str], *, force: bool = False, inputs: I
         full = given.is_dir() and any(given.iterdir())
     except OSError as exc:
         raise EdgeloraError(f"cannot read {name} {given} ({exc.strerror or exc}); choose a folder you own") from None
-    if full and not made_by_edgelora(given):
+    if full and not made_by_edgelora(given) and not _only_edgelora_entries(given):
         if not replace:
             raise EdgeloraError(f"{name} {given} holds files edgelora did not write; choose a new or empty folder")
         if force:
@@ -128,6 +129,18 @@ def check_output(path: str | os.PathLike[str], *, force: bool = False, inputs: I
         raise EdgeloraError(f"{name} {given} exists and is not empty; choose a new path or pass --force")
     _probe(given, name)
     return real
+
+
+def _only_edgelora_entries(folder: Path) -> bool:
+    """Every entry is edgelora's: a folder it made, or the debris a killed command left (an unlocked temporary
+    folder, a half-written ``.NAME.PID.tmp`` file), which the next command removes. A killed build leaves its
+    output folder so, before the build's own record is in it."""
+    for entry in folder.iterdir():
+        if TMP_MARK in entry.name or re.fullmatch(r"\..+\.\d+\.tmp", entry.name):
+            continue
+        if not (entry.is_dir() and not entry.is_symlink() and made_by_edgelora(entry)):
+            return False
+    return True
 
 
 def _refuse_places(given: Path, real: Path, replace: bool, name: str) -> None:

@@ -169,3 +169,18 @@ def test_a_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
         with pytest.raises(EdgeloraError, match="cannot write output /sys/edgelora-out"):
             check_output("/sys/edgelora-out")
     assert blocker.read_text() == "x"
+
+
+def test_a_killed_commands_debris_and_edgelora_folders_do_not_make_a_folder_foreign(tmp_path):
+    """A build killed before its record was written leaves its output folder holding a published deployment
+    folder and debris only: the rerun writes into it. One file of the user's beside them, and it is refused."""
+    out = tmp_path / "out"
+    with atomic_output_dir(out / "cpu-fp32") as tmp:
+        (tmp / "manifest.json").write_text('{"format": 3, "edgelora_version": "0.1"}')
+    (out / f".cpu-int8{TMP_MARK}abc").mkdir()
+    (out / ".report.json.123.tmp").write_text("{")
+    assert not made_by_edgelora(out)
+    check_output(out, replace=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EdgeloraError, match="holds files edgelora did not write"):
+        check_output(out, replace=False)
