@@ -495,6 +495,8 @@ def build(pipeline: Path, jobs: int, executor: str, ray_address: str | None, for
         click.echo(table(result.report))
         if result.report.get("charts"):
             click.echo(f"report: {result.pipeline.output / 'report.md'}")
+    for note in result.report["cache"]:  # cache cells that were not what they claimed, and were rebuilt
+        click.echo(note, err=True)
     errors = {f"{e['cell']}: {e['error']}" for e in result.report["errors"]}
     for f in result.failures[:20]:
         click.echo(f"{'error' if f in errors else 'gate failed'}: {f}", err=True)

@@ -4,7 +4,9 @@ device bundle per target, and a report — incrementally, in parallel, and safe 
 - ``spec.py``       PIPELINE.toml read and checked (``pipeline.schema.json``: the same rules as JSON Schema)
 - ``build.py``      the stages and each cell's key (what it depends on)
 - ``cells.py``      what one cell does, in a worker process or a Ray task
-- ``cache.py``      the content-addressed cell cache (atomic, lock-protected, a plain folder)
+- ``cache.py``      the content-addressed cell cache (atomic, lock-protected, a plain folder; cells signed with
+                    the build's key, verified when read)
+- ``rederive.py``   what a build re-derives instead of trusting the cache, before a folder is published
 - ``executors.py``  local worker processes or Ray
 - ``report.py``     gates, report.md / report.json / charts, the console table
 """

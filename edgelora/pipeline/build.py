@@ -11,6 +11,12 @@ none of its inputs changed.
 A cell's key is the sha256 of every input that can change it (the base's weights, the adapter's files or the
 training data and hyper-parameters, the target file, the eval data, the thread count, the edgelora version) and of
 the keys of the cells it reads, so a change rebuilds exactly the cells downstream of it.
+
+The cache is not trusted: a cell read from it must hold its own record and, when the build holds a key
+(``EDGELORA_CACHE_KEY``), a valid signature (``cache.py``); the cells this build makes are signed. A folder is
+published only after it is checked against what this build re-derives (``rederive.py``); a cell that fails either
+is rebuilt and reported (``cache: cell task/sst2/cpu-int8 failed its signature: rebuilt``), and the folder
+assembled again. The gates read the re-derived numbers.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeloraError
-from .cache import Cache, atomic_write_text, digest, file_sha256, folder_sha256
+from .cache import Cache, atomic_write_text, digest, file_sha256, folder_sha256, signing_key
 from .executors import make_executor
 from .spec import DataSelection, Pipeline, check_outputs, load_pipeline, only_cell
 
@@ -42,6 +48,12 @@ class Cell:
     seconds: float = 0.0
     error: str | None = None
     exit_code: int = 1  # of its error: 2 when the cell's input is bad
+    suspects: dict[str, str] | None = None  # folder: cells from the cache its checks proved wrong -> why
+    rederived: dict[str, Any] | None = None  # folder: what this build re-derived (rederive.check_folder)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.kind}/{self.name}"
 
 
 @dataclass
@@ -101,6 +113,10 @@ class Build:
         self.evals: dict[str, tuple[Path, str]] = {}  # task -> (file, key)
         self.bar: Any = None
         self._module_set: set[str] | None = None
+        self.secret = signing_key()
+        self.cache_notes: list[str] = []  # one line per cell (or data file) the cache held wrong, and what was done
+        self.rederived: dict[str, dict[str, Any]] = {}  # target label -> re-derived numbers of its folder
+        self._stale_records: dict[str, str] = {}  # cells whose record disagrees with their folder's numbers
 
     # ------------------------------------------------------------------------------------------ running
     def run(self) -> BuildResult:
@@ -119,6 +135,7 @@ class Build:
                     self._stage([self._task_cell(n, ref) for n, ref in self._task_cells()])
                     if self.only is None:
                         self._stage([self._folder_cell(ref) for ref in self.p.targets])
+                        self._retry_suspects()
         finally:
             if self.executor is not None:
                 self.executor.close()
@@ -144,8 +161,14 @@ class Build:
             self.cells.append(cell)
             if cell.kind == "folder" and cell.job.get("fresh"):
                 self._tick(cell)
-            elif cell.kind != "folder" and not self.force and self.cache.has(cell.kind, cell.key):
-                self._tick(cell)
+            elif cell.kind != "folder" and not cell.job.get("force") and self.cache.has(cell.kind, cell.key):
+                why = self.cache.distrust(cell.kind, cell.key, self.secret)
+                if why is None:
+                    self._tick(cell)
+                else:
+                    self.cache_notes.append(f"cache: cell {cell.full_name} {why}: rebuilt")
+                    cell.job = {**cell.job, "force": True}
+                    todo.append(cell)
             else:
                 todo.append(cell)
         if not todo:
@@ -158,9 +181,35 @@ class Build:
             cell.built, cell.seconds, cell.error = result.get("built", False), result.get("seconds", 0.0), \
                 result.get("error")
             cell.exit_code = result.get("exit_code", 1)
+            cell.suspects, cell.rederived = result.get("suspects"), result.get("rederived")
             if cell.kind == "folder" and not cell.error:
+                self.rederived[cell.name] = result["rederived"]
                 self._stamp(cell)
+            elif cell.built and not cell.error and self.secret is not None:
+                self.cache.sign(cell.kind, cell.key, self.secret)
             self._tick(cell)
+
+    def _retry_suspects(self) -> None:
+        """Rebuild the cells an assembled folder proved wrong (and those whose record disagrees with their
+        published folder's numbers), then assemble those folders again. A cell this build made is trusted by the
+        check, so a second miss is either a quality failure (reported, published) or a cell that could not be
+        rebuilt: the build fails naming it."""
+        failed = [c for c in self.cells if c.kind == "folder" and c.suspects]
+        wrong = {**self._stale_records, **{n: why for c in failed for n, why in (c.suspects or {}).items()}}
+        if not wrong:
+            return
+        by_name = {c.full_name: c for c in self.cells if c.kind != "folder"}
+        for kind in ("train", "base", "task"):  # what a cell reads is rebuilt before it
+            cells = [by_name[n] for n in wrong if n in by_name and by_name[n].kind == kind]
+            for c in cells:
+                self.cache_notes.append(f"cache: cell {c.full_name} {wrong[c.full_name]}: rebuilt")
+                self.cells.remove(c)
+                c.job, c.error, c.built = {**c.job, "force": True}, None, False
+            self._stage(list(cells))
+        for c in failed:
+            self.cells.remove(c)
+        by_label = {label: ref for ref, label in self.labels.items()}
+        self._stage([self._folder_cell(by_label[c.name]) for c in failed])
 
     def _tick(self, cell: Cell) -> None:
         if self.bar is None and not self.quiet:
@@ -207,17 +256,25 @@ class Build:
         if sel.whole:
             return sel.file, key
         out = self.cache.root / "data" / f"{key[:32]}.jsonl"
-        if out.is_file():
-            return out, key
+        # made again on every build (milliseconds) and compared: the file in the cache is not trusted
         rows = [e for e in read_classification(sel.file) if sel.labels is None or e.label in sel.labels]
         random.Random(sel.seed).shuffle(rows)
         want = sel.rows if sel.rows is not None else len(rows) - sel.offset
         if sel.offset + want > len(rows) or want < 1:
             raise EdgeloraError(f"{self.p.source}: {field_} asks for {want} rows from offset {sel.offset}; "
                                 f"{sel.file.name} has {len(rows)} matching rows")
+        text = "".join(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n"
+                       for e in rows[sel.offset:sel.offset + want])
+        try:
+            held = out.read_text(encoding="utf-8") if out.is_file() else None
+        except (OSError, ValueError):
+            held = ""
+        if held == text:
+            return out, key
+        if held is not None:
+            self.cache_notes.append(f"cache: data {out.name} ({field_}) differs from its selection: rewritten")
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, "".join(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n"
-                                       for e in rows[sel.offset:sel.offset + want]))
+        atomic_write_text(out, text)
         return out, key
 
     def _train_cell(self, name: str) -> Cell:
@@ -294,10 +351,32 @@ class Build:
         key = digest("folder", self.base_key(ref), list(tasks.items()), self.p.bundle)  # in file order
         output = self.p.output.resolve() / label
         why = "asked for (--force)" if self.force else self._stamped(label, key, output)
+        if why is None:
+            self._check_records(label, tasks)
+        inputs = {n: {"adapter": str(self.adapters[n]), "eval": str(self.evals[n][0]) if n in self.evals else None,
+                      "calibrate": str(self._calibration[n][0]) if self._static(ref) and n in self._calibration
+                      else None} for n in self.p.tasks}
         return Cell("folder", label, key, self._job(
             "folder", key=key, target=ref, target_label=label, output=str(output), bundle=self.p.bundle,
-            base_cell=str(self.cache.path("base", self.base_key(ref))), task_cells=tasks,
+            base_cell=str(self.cache.path("base", self.base_key(ref))), task_cells=tasks, base=self.p.base,
+            tasks=inputs, trusted=sorted(c.full_name for c in self.cells if c.built and not c.error),
             fresh=why is None, why=why))
+
+    def _check_records(self, label: str, task_cells: dict[str, str]) -> None:
+        """An unchanged folder's numbers were re-derived when it was published (its stamp): a task cell whose
+        record says otherwise is not what it claims, and is rebuilt (the folder, intact, is kept)."""
+        from ..export.stages import task_state
+
+        numbers = self.rederived[label].get("tasks") or {}
+        for n, path in task_cells.items():
+            want = numbers.get(n, {}).get("accuracy")
+            try:
+                held = task_state(Path(path))["report"].get("accuracy")
+            except (EdgeloraError, KeyError, TypeError):
+                held = "unreadable"
+            if want is not None and held != want:
+                self._stale_records[f"task/{n}/{label}"] = f"records accuracy {held}, its published engine " \
+                                                           f"measured {want:.4g}"
 
     # ------------------------------------------------------------------------------------------ the output
     def _stamps(self) -> dict[str, Any]:
@@ -317,6 +396,8 @@ class Build:
             return "not built here before"
         if stamp.get("key") != key:
             return "its cells changed"
+        if not isinstance(stamp.get("rederived"), dict):
+            return "its numbers were not re-derived (an older build)"
         if not (output / "manifest.json").is_file() or file_sha256(output / "manifest.json") != stamp.get(
                 "manifest_sha256"):
             return "its manifest changed on disk"
@@ -326,12 +407,14 @@ class Build:
             return f"a file changed on disk ({str(exc)[:120]})"
         if self.p.bundle and not (output.with_name(output.name + ".bundle") / "manifest.json").is_file():
             return "its device bundle is missing"
+        self.rederived[label] = stamp["rederived"]  # re-derived by the build that published these very files
         return None
 
     def _stamp(self, cell: Cell) -> None:
         stamps = self._stamps()
         output = Path(cell.job["output"])
-        stamps[cell.name] = {"key": cell.key, "manifest_sha256": file_sha256(output / "manifest.json")}
+        stamps[cell.name] = {"key": cell.key, "manifest_sha256": file_sha256(output / "manifest.json"),
+                             "rederived": cell.rederived}
         atomic_write_text(self.p.output / STAMP, json.dumps(stamps, indent=1, sort_keys=True))
 
 

@@ -5,7 +5,8 @@ Kinds, in the order a build runs them:
 - ``train``:  an adapter trained with ``edgelora train``'s code on the task's data selection;
 - ``base``:   the base stage of the export for one target (``export/stages.py``);
 - ``task``:   one task's stage for one target: delta, baked engine, checks, accuracy on its eval set;
-- ``folder``: one target's deployment folder assembled from its base and task cells, and its device bundle.
+- ``folder``: one target's deployment folder assembled from its base and task cells, checked against what the
+              build re-derives (``rederive.py``) before it is published, and its device bundle.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from ..errors import EdgeloraError
 from .cache import Cache
+from .rederive import Suspect
 
 
 def _threads(n: int) -> None:
@@ -31,20 +33,22 @@ def _threads(n: int) -> None:
 
 
 def run_cell(job: dict[str, Any]) -> dict[str, Any]:
-    """Build the job's cell in the cache unless it is there; ``{"built": bool, "seconds": float}`` or
-    ``{"error": one line, "exit_code": 2 for bad input (an adapter for another base, a bad eval file), else 1}``."""
+    """Build the job's cell in the cache unless it is there; ``{"built": bool, "seconds": float}`` (a folder: with
+    ``"rederived"``, what its checks measured) or ``{"error": one line, "exit_code": 2 for bad input (an adapter
+    for another base, a bad eval file), else 1}`` (a folder whose checks proved cache cells wrong: with
+    ``"suspects"``, cell name -> why, for the build to rebuild them)."""
     t0 = time.perf_counter()
     warnings.simplefilter("ignore")  # library chatter from a worker is not for the build's user (as in the CLI)
     try:
         _threads(job["threads"])
-        cache = Cache(Path(job["cache"]))
-        make = {"train": _train, "base": _base, "task": _task, "folder": _folder}[job["kind"]]
         if job["kind"] == "folder":
-            make(job)
-            built = True
-        else:
-            built = cache.build(job["kind"], job["key"], lambda out: make(job, out), force=job.get("force", False))
+            return {"built": True, "rederived": _folder(job), "seconds": round(time.perf_counter() - t0, 2)}
+        cache = Cache(Path(job["cache"]))
+        make = {"train": _train, "base": _base, "task": _task}[job["kind"]]
+        built = cache.build(job["kind"], job["key"], lambda out: make(job, out), force=job.get("force", False))
         return {"built": built, "seconds": round(time.perf_counter() - t0, 2)}
+    except Suspect as exc:  # cells from the cache that the assembled folder proves wrong: the build rebuilds them
+        return {"error": str(exc), "exit_code": 1, "suspects": exc.cells}
     except EdgeloraError as exc:
         return {"error": str(exc), "exit_code": exc.exit_code}
     except Exception as exc:  # a bug, not bad input: the cell names it, the build goes on to report
@@ -86,14 +90,30 @@ def _task(job: dict[str, Any], out: Path) -> dict[str, Any]:
     return {"task": job["name"], "target": job["target_label"]}
 
 
-def _folder(job: dict[str, Any]) -> None:
-    """The deployment folder (and device bundle) of one target, published atomically where the build writes."""
+def _folder(job: dict[str, Any]) -> dict[str, Any]:
+    """The deployment folder (and device bundle) of one target, assembled from its cells, checked against what
+    this build re-derives (``rederive.py``) and only then published atomically where the build writes; returns
+    the re-derived numbers (the gates read them, not the cells' records)."""
     from ..export.bundle import pack
-    from ..export.stages import assemble
+    from ..export.stages import assemble, task_state
+    from ..fsutil import atomic_output_dir, scratch_dir
     from ..target import load_target
+    from .rederive import check_folder
 
     output = Path(job["output"])
-    assemble(Path(job["base_cell"]), {n: Path(p) for n, p in job["task_cells"].items()}, load_target(job["target"]),
-             output, threads=job["threads"])
+    target = load_target(job["target"])
+    tasks = {n: {**t, "accuracy": task_state(Path(job["task_cells"][n]))["report"].get("accuracy")}
+             for n, t in job["tasks"].items()}
+    with atomic_output_dir(output, force=True) as out:
+        staged = out / "assembled"  # inside the locked temporary folder: a kill leaves nothing published
+        assemble(Path(job["base_cell"]), {n: Path(p) for n, p in job["task_cells"].items()}, target, staged,
+                 threads=job["threads"])
+        with scratch_dir(out) as scratch:
+            rederived = check_folder(staged, base=job["base"], target=target, label=job["target_label"], tasks=tasks,
+                                     threads=job["threads"], trusted=set(job["trusted"]), scratch=scratch)
+        for child in list(staged.iterdir()):
+            os.rename(child, out / child.name)
+        staged.rmdir()
     if job["bundle"]:
         pack(output, output.with_name(output.name + ".bundle"), force=True)
+    return rederived

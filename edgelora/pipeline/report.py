@@ -3,7 +3,9 @@ the deployment folders, PNG charts in ``charts/``, and a compact table for the c
 
 A cell fails when a gate's bound is missed, when a gate needs a number the cell does not have (an accuracy gate
 on a task without an eval set), when the export's own checks against PyTorch failed, or when the cell could not
-be built. Every failure names the cell and its numbers.
+be built. Every failure names the cell and its numbers. Accuracy and engine size are the numbers this build
+re-derived on the assembled folder (``rederive.py``), or, for a folder published unchanged, by the build that
+published it; a cell's record is read only where no folder is assembled (``--only``, ``--prepare``).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def collect(b: Any) -> dict[str, Any]:  # noqa: C901
             rows.append({**row, "error": cell.error})
             continue
         state = task_state(b.cache.path("task", cell.key))
-        r = state["report"]
+        fresh = b.rederived.get(label, {}).get("tasks", {}).get(task)
+        r = {**state["report"], **(fresh or {})}
+        row["numbers"] = "re-derived" if fresh is not None else "cell record"
         row |= {k: r.get(k) for k in ("accuracy", "torch_accuracy", "latency_ms", "engine_size_bytes",
                                       "task_bytes", "delta_size_bytes", "bake", "max_abs_diff", "cosine")}
         values = _gate_values(r, targets.get(label, {}).get("base_latency_ms"))
@@ -88,6 +92,7 @@ def collect(b: Any) -> dict[str, Any]:  # noqa: C901
               "assembled_because": cell.job["why"] if cell.built else None,
               "runtime_failures": [f for f in report["failures"] if "runtime" in f]}
         failures += [f"{cell.name} folder: {f}" for f in t["runtime_failures"]]
+        failures += [f"{cell.name} folder: {m}" for m in (b.rederived.get(cell.name) or {}).get("misses", [])]
         bound = b.p.gates.get("max_bundle_mb")
         if bound is not None and bundle > bound:
             failures.append(f"{cell.name} bundle: {bundle:.1f} MB vs bound max_bundle_mb {bound:g}")
@@ -101,7 +106,8 @@ def collect(b: Any) -> dict[str, Any]:  # noqa: C901
               for k in ("train", "base", "task", "folder")}
     return {"pipeline": str(b.p.source), "executor": b.executor_kind, "jobs": b.jobs, "threads": b.p.threads,
             "machine": cpu_info(), "cells": rows, "targets": targets, "train": train,
-            "built": built, "cached": cached, "errors": errors, "failures": failures}
+            "built": built, "cached": cached, "errors": errors, "failures": failures, "cache": b.cache_notes,
+            "cache_signed": b.secret is not None}
 
 
 def write_report(b: Any) -> dict[str, Any]:
@@ -199,6 +205,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["**Result: " + ("every gate holds**" if not report["failures"] else
                                f"{len(report['failures'])} failure(s)**"), ""]
     lines += [f"- {f}" for f in report["failures"]] + ([""] if report["failures"] else [])
+    lines += [f"- {n}" for n in report.get("cache", [])] + ([""] if report.get("cache") else [])
     if report.get("charts"):
         lines += [f"![{Path(c).stem}](charts/{Path(c).name})" for c in report["charts"]] + [""]
     lines += ["| task | target | accuracy | PyTorch | drop (pts) | latency ms | × base | engine MB | task KB | bake |"
