@@ -359,14 +359,16 @@ def run(folder: Path, task: str | None, texts: tuple[str, ...], max_new_tokens: 
 
     from .runtime import Runtime
 
+    if max_new_tokens < 0:
+        raise EdgeloraError(f"--max-new-tokens is {max_new_tokens}; pass the number of tokens to generate (≥ 0)")
     rt = Runtime.open(folder, threads=threads, mode=mode)
     if task is None and rt.tasks:
         task = rt.tasks[0]
     results: list[dict[str, Any]] = []
     if rt.kind == "causal-lm":
-        for text in texts:
-            prompt = rt.tokenizer.encode(text)["input_ids"][0]
-            limit = max(min(max_new_tokens, (rt.max_positions or 1 << 30) - len(prompt)), 0)
+        limits = [_new_tokens(rt, text, max_new_tokens, f"--text {i + 1}: " if len(texts) > 1 else "")
+                  for i, text in enumerate(texts)]  # every prompt checked before any is generated
+        for text, limit in zip(texts, limits, strict=True):
             if not as_json:
                 click.echo(text, nl=False)
             stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
@@ -395,6 +397,26 @@ def run(folder: Path, task: str | None, texts: tuple[str, ...], max_new_tokens: 
             click.echo(f"{r['label']:>10}  {r['probability']:.3f}  {r['text']}")
         else:
             click.echo(f"{r['text']}: embedding {r['embedding_dims']}, norm {r['norm']:.3f}")
+
+
+def _new_tokens(rt: Any, text: str, asked: int, which: str) -> int:
+    """How many tokens ``edgelora run`` generates after ``text``: ``asked``, lowered (with a warning naming the
+    option) to the positions the prompt leaves; a prompt that leaves none, or is longer than the tokenizer's
+    limit, is refused, never cut."""
+    ids, length = rt.tokenizer.prompt(text)
+    positions = rt.max_positions or 1 << 30
+    if length > len(ids):
+        raise EdgeloraError(f"{which}the prompt is {length} tokens; this deployment's tokenizer takes at most "
+                            f"{len(ids)} (the base has {positions} positions for the prompt and the new tokens); "
+                            "shorten the prompt")
+    if asked and length >= positions:
+        raise EdgeloraError(f"{which}the prompt is {length} tokens and leaves none of the base's {positions} "
+                            "positions for new tokens; shorten the prompt")
+    if asked > positions - length:
+        warnings.warn(EdgeloraWarning(f"{which}--max-new-tokens {asked} lowered to {positions - length}: the prompt "
+                                      f"is {length} tokens of the base's {positions} positions"), stacklevel=2)
+        return positions - length
+    return asked
 
 
 @cli.command()

@@ -78,19 +78,19 @@ def fp32_folder(gqa_models, tmp_path_factory):
     return out
 
 
-def _peft_greedy(base: Path, adapter: Path | None, n: int) -> list[int]:
+def _peft_greedy(base: Path, adapter: Path | None, n: int, prompt: list[int] = PROMPT) -> list[int]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
-    ids = torch.tensor([PROMPT])
+    ids = torch.tensor([prompt])
     with torch.no_grad():
         model.generation_config.eos_token_id = None  # plain argmax for n tokens (min_new_tokens would mask the eos)
         out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                     do_sample=False, pad_token_id=0)
-    return out[0, len(PROMPT):].tolist()
+    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.slow
@@ -119,6 +119,46 @@ def test_builder_graph_greedy_tokens_equal_peft_in_every_mode(fp32_folder, gqa_m
             rt.activate(task)
             assert rt.generate(PROMPT, 40) == want, (mode, task)
             assert rt.generate(PROMPT, 40, task="t2") == refs["t2"], (mode, task)
+
+
+@pytest.mark.slow
+def test_several_prompts_and_a_task_switching_callback_on_the_shared_cache(fp32_folder, gqa_models):
+    """On the builder graph's shared KV cache too: several prompts give one sequence each (PyTorch + PEFT's
+    greedy tokens for each prompt alone), and a stream callback that activates another task neither deadlocks
+    (swap mode, two slots: the only slot to build into is the one the call reads) nor changes the call's task."""
+    from edgelora.runtime import Runtime
+
+    base, adapters = gqa_models["llama"]
+    short = PROMPT[:5]
+    want = [_peft_greedy(base, adapters["t1"], 12, p) for p in (PROMPT, short)]
+    after = _peft_greedy(base, adapters["t2"], 12, short)
+    for mode in ("swap", "unmerged"):
+        rt = Runtime.open(fp32_folder, threads=1, mode=mode, slots=2)
+        assert rt.generate([PROMPT, short], 12, task="t1") == want, mode
+        assert rt.generate(np.array([short, short]), 12, task="t1") == [want[1], want[1]], mode
+        assert _generate_switching(rt, [PROMPT, short], "t1", "t2") == want, mode
+        assert rt.active == "t2" and rt.generate(short, 12) == after, mode
+
+
+def _generate_switching(rt, prompts: list[list[int]], task: str, to: str) -> list[list[int]]:
+    """``rt.generate(prompts, 12, task=task)`` in a thread whose stream callback activates ``to`` at the first
+    token; fails (instead of hanging) if the call has not returned within 60 s."""
+    import threading
+
+    out: list[list[list[int]]] = []
+    tokens: list[int] = []
+
+    def each(token: int) -> None:
+        tokens.append(token)
+        if len(tokens) == 1:
+            rt.activate(to)
+
+    call = threading.Thread(target=lambda: out.append(rt.generate(prompts, 12, task=task, stream=each)), daemon=True)
+    call.start()
+    call.join(60)
+    assert not call.is_alive(), "deadlocked"
+    assert out, "the call raised"
+    return out[0]
 
 
 @pytest.mark.slow

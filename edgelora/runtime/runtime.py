@@ -30,7 +30,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ from ..errors import DeltaError, DeploymentError, EdgeloraError, InputError
 from ..format.files import check_sizes, read_bytes, verify_files
 from ..format.manifest import FORMAT_VERSION, TASK_NAME, Manifest, read_manifest
 from ..lora import concat_feeds, stacked_feeds
-from .decode import Sampler, Sampling, shared_cache_loop
+from .decode import Sampler, Sampling, prompt_rows, shared_cache_loop
 from .heads import apply_head, unsupported
-from .inputs import FeedChecker, as_ints
+from .inputs import FeedChecker
 from .sessions import open_session, run_session
 from .store import AdapterStore, DeltaRules, TaskDelta
 from .swap import SlotPool, SwapWeights, load_w0
@@ -88,6 +89,7 @@ class Runtime:
 
         self._cond = threading.Condition()  # guards the state pointer and the slots' reader counts
         self._activating = threading.Lock()  # one rebuild at a time; held while a slot is chosen and built
+        self._local = threading.local()  # .reading: the slots this thread's calls in flight hold (see _activate_lock)
         self._cache_lock = threading.Lock()  # the branch-feeds cache, the baked engines, the tokenizer
         self.folder = folder
         self.manifest = manifest
@@ -272,7 +274,7 @@ class Runtime:
         the active task swaps its new weights, head and labels in together."""
         if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
             raise InputError(f"task name {name!r} is not usable; use letters, digits, . _ - (up to 128)")
-        with self._activating:
+        with self._activate_lock():
             source, delta = self.store.read(name, Path(path), labels)
             if self.mode == "engines":
                 raise DeltaError(f"{path}: this deployment runs tasks on their baked engines only (no swap or LoRA "
@@ -335,11 +337,44 @@ class Runtime:
         Atomic: a failure (bad delta file, wrong base, wrong shapes) raises and leaves the previous task
         active. Calls in flight finish on the weights they started with; a swap waits only for calls still
         reading the slot it rebuilds (a ``generate`` that began two swaps ago holds its slot until it ends)."""
-        with self._activating:
+        with self._activate_lock():
             delta = self._delta(name) if name is not None else None
             if name == self._state.task and delta is self._state.delta:
                 return
             self._commit(self._state_for(name, delta))
+
+    def _reading(self) -> list[int]:
+        """The slots the calling thread's own calls in flight hold (a stream callback runs inside one)."""
+        reading = getattr(self._local, "reading", None)
+        if reading is None:
+            reading = self._local.reading = []
+        return reading
+
+    @contextmanager
+    def _activate_lock(self) -> Iterator[None]:
+        """The activate lock, taken so that no wait can close a cycle: a thread that itself holds slots (it
+        activates, loads or runs another task from inside a ``generate``'s stream callback) counts those slots as
+        stuck while it waits, so a rebuild that would wait for them builds into a new slot instead
+        (``SlotPool.slot_for``); the call in flight keeps the weights it started with."""
+        mine = list(self._reading())
+        if not mine or self._slots is None:
+            with self._activating:
+                yield
+            return
+        with self._cond:
+            for slot in mine:
+                self._slots.stuck[slot] += 1
+            self._cond.notify_all()
+        try:
+            self._activating.acquire()
+        finally:
+            with self._cond:
+                for slot in mine:
+                    self._slots.stuck[slot] -= 1
+        try:
+            yield
+        finally:
+            self._activating.release()
 
     def _state_for(self, name: str | None, delta: TaskDelta | None) -> _State:
         """The state that runs ``delta`` (``None``: the base): its slot built if needed, its feeds or engine.
@@ -347,7 +382,7 @@ class Runtime:
         if delta is not None and self._needs_engine(delta):
             return _State(name, delta, session=self._engine(delta))
         if self._slots is not None:
-            return _State(name, delta, slot=self._slots.slot_for(delta, self._state.slot))
+            return _State(name, delta, slot=self._slots.slot_for(delta, self._state.slot, self._reading()))
         if self.mode == "unmerged":
             return _State(name, delta, feeds=self._branch_feeds(delta) if delta is not None else self._base_feeds)
         return _State(name, delta)
@@ -374,16 +409,19 @@ class Runtime:
             if task is None or state.task == task:
                 if state.slot is not None:
                     self._slots.hold(state.slot)  # type: ignore[union-attr]
+                    self._reading().append(state.slot)
                 return state
-        with self._activating:
+        with self._activate_lock():
             state = self._state_for(task, self._delta(task))
             if state.slot is not None:
                 with self._cond:
                     self._slots.hold(state.slot)  # type: ignore[union-attr]
+                self._reading().append(state.slot)
             return state
 
     def _release(self, state: _State) -> None:
         if state.slot is not None:
+            self._reading().remove(state.slot)
             self._slots.release(state.slot)  # type: ignore[union-attr]
 
     def _inputs(self, text: str | Sequence[str] | None, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -490,62 +528,79 @@ class Runtime:
         return self.predict(text=text, task=task).top()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, stream: Callable[[int], Any] | None = None, seed: int | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, task: str | None = None, top_k: int = 0,
-                 repetition_penalty: float = 1.0) -> list[int]:
-        """New token ids after ``prompt_ids`` (one sequence), incrementally through the KV cache. The whole
-        generation uses ``task`` (default: the task active when it starts). Greedy at ``temperature = 0``, else
-        sampled (``seed``) after ``repetition_penalty``, ``top_k`` (0: off) and ``top_p``; it stops after
-        ``max_new_tokens`` or at a token of ``eos_token_id`` (one id or several; it is returned). ``stream`` is
-        called with each token as it is chosen. See ``decode.py`` for the loop."""
+    def generate(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, stream: Callable[[int], Any] | None = None,
+                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None, task: str | None = None,
+                 top_k: int = 0, repetition_penalty: float = 1.0) -> list[int] | list[list[int]]:
+        """New token ids after ``prompt_ids``, incrementally through the KV cache: one list for one prompt (a list
+        of ids, a ``(sequence,)`` array), one list per prompt for several (a list of id lists, a ``(batch,
+        sequence)`` array), each exactly what that prompt generates alone. The whole call uses ``task`` (default:
+        the task active when it starts), even if ``stream`` activates another. Greedy at ``temperature = 0``, else
+        sampled (``seed``, the same for each prompt) after ``repetition_penalty``, ``top_k`` (0: off) and
+        ``top_p``; it stops after ``max_new_tokens`` or at a token of ``eos_token_id`` (one id or several; it is
+        returned). ``stream`` is called with each token as it is chosen (prompt after prompt). A prompt that does
+        not leave ``max_new_tokens`` of the base's positions is refused, never cut. See ``decode.py``."""
         if self.kind != "causal-lm":
             raise InputError(f"generate needs a causal-lm deployment; this one is {self.kind}")
         stop = [] if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
         sampling = Sampling.checked(temperature, top_p, top_k, repetition_penalty, stop)
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens = {max_new_tokens!r}; pass an integer ≥ 0")
-        ids = as_ints(prompt_ids, "prompt_ids").reshape(1, -1)
-        if self.max_positions is not None and ids.shape[1] + max_new_tokens > self.max_positions:
-            raise InputError(f"a prompt of {ids.shape[1]} tokens + {max_new_tokens} new ones exceed the base's "
-                             f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens")
-        feeds = self._inputs(None, {"input_ids": ids})
-        sampler = Sampler(sampling, self.manifest.base.vocab_size, ids[0], seed)
+        rows, several = prompt_rows(prompt_ids)
+        feeds = []
+        for i, ids in enumerate(rows):
+            if self.max_positions is not None and ids.shape[1] + max_new_tokens > self.max_positions:
+                which = f"prompt {i} has" if several else "the prompt has"
+                raise InputError(f"{which} {ids.shape[1]} tokens and max_new_tokens = {max_new_tokens}: together they "
+                                 f"exceed the base's {self.max_positions} positions; shorten the prompt or lower "
+                                 "max_new_tokens")
+            feeds.append(self._inputs(None, {"input_ids": ids}))
         state = self._acquire(task)
         try:
-            if self.io.kv_cache == "shared":
-                sess, extra = self._session_and_extra(state)
-                return shared_cache_loop(sess, self.io, extra, feeds["input_ids"], int(max_new_tokens), sampler,
-                                         stream, self.folder)
-            new: list[int] = []
-            total = ids.shape[1]
-            for _ in range(max_new_tokens):
-                out = self._run_state(state, feeds)
-                token = sampler(out["logits"][0, -1])
-                new.append(token)
-                if stream is not None:
-                    stream(token)
-                if token in sampling.stop:
-                    break
-                total += 1
-                feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
-                for i in range(self.io.num_layers):
-                    for kv in ("key", "value"):
-                        feeds[f"past_key_values.{i}.{kv}"] = out[f"present.{i}.{kv}"]
-            return new
+            out = [self._generate_one(state, f, int(max_new_tokens),
+                                      Sampler(sampling, self.manifest.base.vocab_size, f["input_ids"][0], seed), stream)
+                   for f in feeds]
         finally:
             self._release(state)
+        return out if several else out[0]
+
+    def _generate_one(self, state: _State, feeds: dict[str, np.ndarray], max_new: int, sampler: Sampler,
+                      stream: Callable[[int], Any] | None) -> list[int]:
+        """One prompt's new tokens on ``state`` (held by the caller)."""
+        if self.io.kv_cache == "shared":
+            sess, extra = self._session_and_extra(state)
+            return shared_cache_loop(sess, self.io, extra, feeds["input_ids"], max_new, sampler, stream, self.folder)
+        new: list[int] = []
+        total = feeds["input_ids"].shape[1]
+        for _ in range(max_new):
+            out = self._run_state(state, feeds)
+            token = sampler(out["logits"][0, -1])
+            new.append(token)
+            if stream is not None:
+                stream(token)
+            if token in sampler.s.stop:
+                break
+            total += 1
+            feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
+            for i in range(self.io.num_layers):
+                for kv in ("key", "value"):
+                    feeds[f"past_key_values.{i}.{kv}"] = out[f"present.{i}.{kv}"]
+        return new
 
     def generate_text(self, prompt: str, max_new_tokens: int = 64, stream: Callable[[str], Any] | None = None,
                       on_token: Callable[[int], Any] | None = None, **options: Any) -> str:
         """Text in, text out through the deployment's tokenizer: ``generate`` on the prompt's ids (no special
         tokens added but the tokenizer's own), stopping at the tokenizer's end-of-sequence token unless
-        ``eos_token_id`` is given. ``stream`` receives the text as it grows, piece by piece; ``on_token`` each id."""
+        ``eos_token_id`` is given. ``stream`` receives the text as it grows, piece by piece; ``on_token`` each id.
+        A prompt longer than the tokenizer's limit (the base's positions) is refused, not cut."""
         tok = self.tokenizer
         if not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}; pass a string (or call generate with token ids)")
-        ids = tok.encode(prompt)["input_ids"][0]
+        ids, length = tok.prompt(prompt)
+        if length > len(ids):
+            raise InputError(f"the prompt is {length} tokens; this deployment takes at most {tok.max_length} (the "
+                             "prompt and the new tokens share the base's positions); shorten the prompt")
         options.setdefault("eos_token_id", tok.eos_id)
         pieces: list[int] = []
         shown = ""
@@ -561,7 +616,7 @@ class Runtime:
                 shown = text
 
         out = self.generate(ids, max_new_tokens, stream=each, **options)
-        text = tok.decode(out)
+        text = tok.decode(out)  # type: ignore[arg-type]  # one prompt: one list of ids
         if stream is not None and len(text) > len(shown):
             stream(text[len(shown):])
         return text

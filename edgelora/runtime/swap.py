@@ -27,7 +27,7 @@ import ctypes
 import functools
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -129,6 +129,11 @@ class SwapWeights:
         # the calling thread builds share 0 itself, ``threads - 1`` workers the others: one thread and one
         # wake-up fewer per swap (W1, back to back, this VM on a slow hour: 2.4-2.8 ms vs 2.8-3.1 before)
         self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="edgelora-swap") if threads > 1 else None
+
+    def add_slot(self) -> int:
+        """One more slot, holding W0 (the :class:`SlotPool` adds one where waiting for a slot would never end)."""
+        self.slots.append(Slot({k: np.array(v, copy=True) for k, v in self._base.items()}))
+        return len(self.slots) - 1
 
     def dims(self) -> dict[str, tuple[int, int]]:
         return {m: loc.dims() for m, loc in self.locations.items()}
@@ -297,23 +302,35 @@ class SlotPool:
         self.cond = cond
         n = len(weights.slots)
         self.readers = [0] * n
+        self.stuck = [0] * n  # readers of each slot that wait for the activate lock (see slot_for)
         self.held: list[Any] = [None] * n  # every slot starts as W0
         self.used = [0] * n  # when each slot was last chosen (LRU among the idle ones)
         self.clock = 0
 
-    def slot_for(self, delta: Any, active: int | None) -> int:
+    def slot_for(self, delta: Any, active: int | None, mine: Collection[int] = ()) -> int:
         """A slot holding exactly ``delta`` (``None``: W0): one that already does, else the least recently used
-        slot other than ``active``, rebuilt once no call reads it. Callers serialize (the activate lock)."""
+        slot other than ``active``, rebuilt once no call reads it. Callers serialize (the activate lock).
+
+        A wait that could never end becomes a new slot (one more set of LoRA-target weights, kept): when every
+        other slot is read by the calling thread itself (``mine``: it activates from inside its own call, e.g. a
+        ``generate``'s stream callback), or by a thread that waits for the activate lock this caller holds
+        (``stuck``, counted by the runtime)."""
         self.clock += 1
         for i, held in enumerate(self.held):
             if held is delta:
                 self.used[i] = self.clock
                 return i
         victim = min((i for i in range(len(self.held)) if i != active),
-                     key=lambda i: (self.readers[i] > 0, self.used[i]))
+                     key=lambda i: (self.readers[i] > 0, i in mine, self.used[i]))
         with self.cond:
-            while self.readers[victim]:
+            while self.readers[victim] and victim not in mine and not self.stuck[victim]:
                 self.cond.wait()
+            if self.readers[victim]:
+                victim = self.weights.add_slot()
+                self.readers.append(0)
+                self.stuck.append(0)
+                self.held.append(None)
+                self.used.append(0)
         self.held[victim] = _UNKNOWN  # a failure half-way leaves it unusable until rebuilt
         self.weights.build(self.weights.slots[victim], delta.modules if delta is not None else {},
                            delta.encoded if delta is not None else None)

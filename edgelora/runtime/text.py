@@ -66,5 +66,13 @@ class Tokenizer:
             mask[row, : len(seq)] = 1
         return {"input_ids": out, "attention_mask": mask}
 
+    def prompt(self, text: str) -> tuple[list[int], int]:
+        """One text's ids, cut to ``max_length`` as :meth:`encode` cuts them, and its whole length in tokens (the
+        pieces truncation cut off, without the special tokens each piece gets): more than ``len(ids)`` when the
+        text was cut. A prompt to continue must be refused when it does not fit, never silently cut."""
+        enc = self._tok.encode(text)
+        rest = sum(sum(1 for special in piece.special_tokens_mask if not special) for piece in enc.overflowing)
+        return list(enc.ids), len(enc.ids) + rest
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
