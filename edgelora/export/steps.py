@@ -64,7 +64,7 @@ from ..format.manifest import (
 )
 from ..fsutil import WORK_DIR
 from ..lora import DeltaModule, stacked_feeds
-from ..merge import merge_into_model
+from ..merge import merge_into_model, merged_adapter, unmerge
 from ..merged_model import copy_tokenizer
 from ..prepare import Prepared, prepare
 from ..verify import Parity, within
@@ -187,12 +187,13 @@ def plan_baking(ctx: ExportContext) -> None:
 # ---------------------------------------------------------------------------------------------- the tasks
 def export_tasks(ctx: ExportContext) -> None:
     for name, p in ctx.prepared.items():
+        reference = _reference_vectors(ctx, name, p)  # the no-LoRA half first, on the unmerged model
         task = _delta(ctx, name, p)
         _check_branches(ctx, task)
         if ctx.target.bake_task_engines:
             _bake(ctx, task)
             _verify_baked(ctx, task)
-        task.conformance = _reference_vectors(ctx, task)
+        task.conformance = reference()
         task.entry = _entry(task)
         ctx.tasks[name] = task
 
@@ -704,36 +705,52 @@ def _latency(ctx: ExportContext, sess: Any, spec: dict[str, Any], runs: int) -> 
     return session_latency(sess, feeds, runs=runs)["median_ms"]
 
 
-def _reference_vectors(ctx: ExportContext, task: TaskResult) -> Reference | None:
-    """The task's reference inputs and what PyTorch (the fp32 model with the adapter merged, as every engine is
-    checked against) computes for them: the runtime check's two rows (one half padding) for an encoder, two
-    prompts' logits at their last position for a decoder; a static int8 target's own texts (random ids lie
-    outside its calibrated ranges)."""
-    import torch
-
-    from ..verify import torch_encoder_outputs
-
-    p = task.prepared
-    if p is None:
-        return None
-    merge_into_model(p.model, p.plan, _base(ctx).layouts)  # a no-op where the checks merged it already
+def _reference_vectors(ctx: ExportContext, name: str, p: Prepared) -> Callable[[], Reference]:
+    """The task's reference inputs and what PyTorch computes for them, in two steps: called before the model is
+    merged it computes the outputs with the task's head on W0 (no LoRA: how far the LoRA moves them, so a device
+    can tell a no-op task from one whose change is within its quantization error) and returns the function that,
+    called once the checks have merged the adapter (as every engine is checked against), computes the outputs
+    with it. Inputs: the runtime check's two rows (one half padding) for an encoder, two prompts' logits at their
+    last position for a decoder; a static int8 target's own texts (random ids lie outside its calibrated
+    ranges)."""
     inputs = _runtime_inputs(ctx)
-    texts = ctx.calibration_texts.get(task.name) or next(iter(ctx.calibration_texts.values()), None)
+    texts = ctx.calibration_texts.get(name) or next(iter(ctx.calibration_texts.values()), None)
     if texts and ctx.task != "causal-lm":
         enc = _tokenizer(ctx)(texts[-4:], padding="max_length", truncation=True,
                               max_length=ctx.target.shapes.sequence, return_tensors="np")
         inputs = {"input_ids": enc["input_ids"].astype(np.int64),
                   "attention_mask": enc["attention_mask"].astype(np.int64)}
-    if ctx.task == "causal-lm":
-        with torch.no_grad():
-            logits = p.model(input_ids=torch.from_numpy(inputs["input_ids"]),
-                             attention_mask=torch.from_numpy(inputs["attention_mask"])).logits
-        return Reference(inputs, {"logits": logits[:, -1].float().numpy()}, "last")
-    classifier = ctx.task == "sequence-classification"
-    outputs = torch_encoder_outputs(p.model, inputs, headless=not classifier)
+    positions = "last" if ctx.task == "causal-lm" else "all"
     engine_outputs = set(_base(ctx).build.spec["outputs"])  # a headless task's outputs are the base engine's
-    return Reference(inputs, {k: np.ascontiguousarray(v, np.float32) for k, v in outputs.items()
-                              if classifier or k in engine_outputs}, "all")
+    if merged_adapter(p.model) is not None:
+        unmerge(p.model)
+    without = _torch_reference(ctx, p.model, inputs, dict(p.plan.replacements), engine_outputs)
+
+    def merged() -> Reference:
+        merge_into_model(p.model, p.plan, _base(ctx).layouts)  # a no-op where the checks merged it already
+        return Reference(inputs, _torch_reference(ctx, p.model, inputs, {}, engine_outputs), positions, without)
+
+    return merged
+
+
+def _torch_reference(ctx: ExportContext, model: Any, inputs: dict[str, np.ndarray], overrides: dict[str, Any],
+                     engine_outputs: set[str]) -> dict[str, np.ndarray]:
+    """PyTorch's outputs for ``inputs`` (``overrides``: state-dict tensors used in place of the model's, the
+    task's head on an unmerged model): decoders' logits at the last position, a classifier's logits, else the
+    hidden states the base engine outputs."""
+    import torch
+
+    from ..verify import torch_encoder_outputs
+
+    ids, mask = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"])
+    with torch.no_grad():
+        if ctx.task == "causal-lm" or ctx.task == "sequence-classification":
+            kwargs = {"input_ids": ids, "attention_mask": mask}
+            out = torch.func.functional_call(model, overrides, (), kwargs) if overrides else model(**kwargs)
+            logits = out.logits.float().numpy()
+            return {"logits": np.ascontiguousarray(logits[:, -1] if ctx.task == "causal-lm" else logits, np.float32)}
+    outputs = torch_encoder_outputs(model, inputs, headless=True)  # feature extraction: no head to override
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in outputs.items() if k in engine_outputs}
 
 
 def _runtime_inputs(ctx: ExportContext) -> dict[str, np.ndarray]:

@@ -2,7 +2,10 @@
 
 The file holds, per task ``T`` of the manifest's ``conformance.tasks``: ``T/input_ids`` and ``T/attention_mask``
 (int64, batch × sequence) and ``T/{output}`` (float32) for each output it lists: what PyTorch computed for those
-inputs with the task's adapter merged (all positions, or the last position of a decoder's logits). It is written
+inputs with the task's adapter merged (all positions, or the last position of a decoder's logits), and
+``T/{output}:without_lora``: the same model with the task's head but W0 in place of ``W0 + s·B·A`` — how far the
+LoRA moves these outputs in PyTorch, so a device can tell a task that changes nothing from one whose change is
+within its target's quantization error. It is written
 by ``edgelora export`` and read by ``Runtime.self_test`` on whatever machine holds the folder. Kilobytes: a few
 short rows of ids and their outputs.
 
@@ -27,6 +30,7 @@ from .safetensors import parse
 
 CONFORMANCE_FILE = "conformance.safetensors"
 INPUTS = ("input_ids", "attention_mask")
+WITHOUT_LORA = ":without_lora"  # suffix of the no-LoRA outputs (":" is in no output name)
 _CODES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
 
 
@@ -37,6 +41,7 @@ class Reference:
     inputs: dict[str, np.ndarray]  # input_ids, attention_mask: int64 (batch, sequence)
     outputs: dict[str, np.ndarray]  # output name -> float32
     positions: str  # "all" | "last"
+    without: dict[str, np.ndarray]  # the same outputs with the task's head but no LoRA (W0)
 
 
 def save_tensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]) -> None:
@@ -67,6 +72,7 @@ def reference_tensors(references: Mapping[str, Reference]) -> dict[str, np.ndarr
     for task, ref in references.items():
         out |= {f"{task}/{k}": v for k, v in ref.inputs.items()}
         out |= {f"{task}/{k}": v for k, v in ref.outputs.items()}
+        out |= {f"{task}/{k}{WITHOUT_LORA}": v for k, v in ref.without.items()}
     return out
 
 
@@ -91,12 +97,14 @@ def parse_references(data: Any, spec: ConformanceSpec, where: str) -> dict[str, 
             raise DeploymentError(f"{where}: {task}/input_ids {list(ids.shape)} and attention_mask "
                                   f"{list(mask.shape)} must be one non-empty (batch, sequence) shape with a 0/1 mask; "
                                   "re-export the folder")
-        outputs = {}
+        outputs, without = {}, {}
         for name in t.outputs:
-            a = get(name, "<f4")
-            if a.ndim < 1 or a.shape[0] != ids.shape[0] or not np.isfinite(a).all():
+            a, b = get(name, "<f4"), get(name + WITHOUT_LORA, "<f4")
+            if a.ndim < 1 or a.shape[0] != ids.shape[0] or b.shape != a.shape or not (
+                    np.isfinite(a).all() and np.isfinite(b).all()):
                 raise DeploymentError(f"{where}: tensor {task}/{name} {list(a.shape)} must be finite with "
-                                      f"{ids.shape[0]} rows (one per input row); re-export the folder")
-            outputs[name] = a
-        refs[task] = Reference({"input_ids": ids, "attention_mask": mask}, outputs, t.positions)
+                                      f"{ids.shape[0]} rows (one per input row), {name}{WITHOUT_LORA} "
+                                      f"{list(b.shape)} too; re-export the folder")
+            outputs[name], without[name] = a, b
+        refs[task] = Reference({"input_ids": ids, "attention_mask": mask}, outputs, t.positions, without)
     return refs
