@@ -155,7 +155,8 @@ def test_warm_build_builds_nothing_and_a_changed_adapter_rebuilds_only_its_cells
 
 
 def test_a_failing_gate_exits_1_and_names_the_cell(built, tiny_dir, adapters, tmp_path):
-    """Gates are read from the cells' numbers: an impossible bound fails without rebuilding anything."""
+    """Gates are read from the numbers re-derived when the folder was published (not from the cells' records): an
+    impossible bound fails without rebuilding anything."""
     pipeline, _ = built
     text = pipeline.read_text().replace("max_engine_mb = 50", "max_engine_mb = 50\nmin_accuracy = 1.0")
     pipeline.with_name("STRICT.toml").write_text(text)
