@@ -403,12 +403,11 @@ def _new_tokens(rt: Any, text: str, asked: int, which: str) -> int:
     """How many tokens ``edgelora run`` generates after ``text``: ``asked``, lowered (with a warning naming the
     option) to the positions the prompt leaves; a prompt that leaves none, or is longer than the tokenizer's
     limit, is refused, never cut."""
-    ids, length = rt.tokenizer.prompt(text)
+    try:
+        length = len(rt.tokenizer.prompt(text))
+    except EdgeloraError as exc:
+        raise EdgeloraError(f"{which}{exc}") from None
     positions = rt.max_positions or 1 << 30
-    if length > len(ids):
-        raise EdgeloraError(f"{which}the prompt is {length} tokens; this deployment's tokenizer takes at most "
-                            f"{len(ids)} (the base has {positions} positions for the prompt and the new tokens); "
-                            "shorten the prompt")
     if asked and length >= positions:
         raise EdgeloraError(f"{which}the prompt is {length} tokens and leaves none of the base's {positions} "
                             "positions for new tokens; shorten the prompt")

@@ -10,6 +10,7 @@ own logits processors for the sampler's distributions.
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,11 @@ def test_a_prompt_longer_than_the_positions_is_refused_not_cut(llama, cli):
     for n in (0, 5):
         with pytest.raises(InputError, match=f"the prompt is {length} tokens; .* at most 128"):
             rt.generate_text(long_text, n)
+    huge = "word " * 800_000  # 4 MB: refused from its start (counted whole, it would cost over a GB)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="the prompt is over 128 tokens \\(4,000,000 characters\\); .* at most 128"):
+        rt.generate_text(huge, 5)
+    assert time.perf_counter() - t0 < 2.0
     with pytest.raises(InputError, match="the prompt has 200 tokens and max_new_tokens = 1: together they exceed "
                                          "the base's 128 positions"):
         rt.generate(list(range(5, 205)), 1)

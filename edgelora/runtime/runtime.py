@@ -597,10 +597,7 @@ class Runtime:
         tok = self.tokenizer
         if not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}; pass a string (or call generate with token ids)")
-        ids, length = tok.prompt(prompt)
-        if length > len(ids):
-            raise InputError(f"the prompt is {length} tokens; this deployment takes at most {tok.max_length} (the "
-                             "prompt and the new tokens share the base's positions); shorten the prompt")
+        ids = tok.prompt(prompt)  # refused, not cut, if longer than the tokenizer's limit
         options.setdefault("eos_token_id", tok.eos_id)
         pieces: list[int] = []
         shown = ""

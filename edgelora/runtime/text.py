@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import DeploymentError, InputError
+
+
+def _cut_off(enc: Any) -> int:
+    """The tokens truncation cut off an encoding (its overflowing pieces, less the special tokens each gets)."""
+    return sum(sum(1 for special in piece.special_tokens_mask if not special) for piece in enc.overflowing)
 
 
 class Tokenizer:
@@ -66,13 +72,25 @@ class Tokenizer:
             mask[row, : len(seq)] = 1
         return {"input_ids": out, "attention_mask": mask}
 
-    def prompt(self, text: str) -> tuple[list[int], int]:
-        """One text's ids, cut to ``max_length`` as :meth:`encode` cuts them, and its whole length in tokens (the
-        pieces truncation cut off, without the special tokens each piece gets): more than ``len(ids)`` when the
-        text was cut. A prompt to continue must be refused when it does not fit, never silently cut."""
-        enc = self._tok.encode(text)
-        rest = sum(sum(1 for special in piece.special_tokens_mask if not special) for piece in enc.overflowing)
-        return list(enc.ids), len(enc.ids) + rest
+    def prompt(self, text: str) -> list[int]:
+        """One text's ids to continue, whole: a prompt cut as :meth:`encode` cuts would be continued from the
+        wrong place, so a text over ``max_length`` tokens is an InputError naming its length and the limit. The
+        length counts the pieces truncation cut off (without the special tokens each piece gets); a text over
+        ``64 · max_length`` characters whose start is already too long is not counted further (a tokenizer
+        encodes the whole text before truncating it: 1.5 GB for a 4 MB line)."""
+        limit = 64 * self.max_length
+        whole = len(text) <= limit
+        enc = self._tok.encode(text if whole else text[:limit])
+        rest = _cut_off(enc)
+        if not whole and not rest:  # its start fits (a text of mostly spaces): count it all
+            whole, enc = True, self._tok.encode(text)
+            rest = _cut_off(enc)
+        if rest:
+            size = (f"{len(enc.ids) + rest} tokens" if whole
+                    else f"over {self.max_length} tokens ({len(text):,} characters)")
+            raise InputError(f"the prompt is {size}; this deployment takes at most {self.max_length} (the prompt "
+                             "and the new tokens share the base's positions); shorten the prompt")
+        return list(enc.ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
