@@ -73,6 +73,8 @@ def cpu_info() -> dict[str, Any]:
 
 
 def cpu_line() -> str:
+    from .runtime.cpu import measured_int8_path
+
     info = cpu_info()
     flags = " ".join(info["flags"]) or "none of AVX2/AVX-512/AMX"
-    return f"CPU: {info['model']}, {info['cores']} cores, flags: {flags}"
+    return f"CPU: {info['model']}, {info['cores']} cores, flags: {flags}; {measured_int8_path().line()}"

@@ -41,6 +41,10 @@ class Quantization:
     per_channel: bool = True
     reduce_range: bool = False
     weight_type: str = "qint8"  # qint8 | quint8
+    # int8 (qint8 weights): re-encode every integer MatMul's weight so each pair of rows sums to |q| ≤ 128
+    # (edgelora.lora.quant, recipe int8-pairsafe): exact on AVX2 CPUs without VNNI, whose u8·s8 kernels add
+    # pairs of products in saturating 16-bit lanes, at full VNNI/AMX speed elsewhere
+    pair_safe: bool = False
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4
@@ -68,6 +72,11 @@ class Quantization:
     sensitivity_agreement: float = 0.99
     sensitivity_max_float: int = 8
     kept_nodes: str = "weight_only"  # weight_only (int8 weights, float activations) | float
+
+    @property
+    def int8_recipe(self) -> str:
+        """How this target's integer MatMul weights are encoded (``edgelora.lora.quant``)."""
+        return "int8-reduced" if self.reduce_range else "int8-pairsafe" if self.pair_safe else "int8"
 
 
 @dataclass(frozen=True)
@@ -324,6 +333,9 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
          f"[quantization] method = {t.quantization.method!r} needs precision int8 or int4"),
         (t.quantization.weight_type in ("qint8", "quint8"),
          f"[quantization] weight_type = {t.quantization.weight_type!r}; choose qint8 or quint8"),
+        (not t.quantization.pair_safe or (t.quantization.weight_type == "qint8" and not t.quantization.reduce_range),
+         "[quantization] pair_safe = true re-encodes qint8 weights at full range; set weight_type = 'qint8' and "
+         "reduce_range = false (or pair_safe = false)"),
         (t.quantization.block_size in BLOCK_SIZES,
          f"[quantization] block_size = {t.quantization.block_size}; choose one of {', '.join(map(str, BLOCK_SIZES))}"),
         (t.quantization.eight_bit_block_size in (0, *BLOCK_SIZES),

@@ -39,6 +39,8 @@ import numpy as np
 from edgelora.errors import EdgeloraError
 from edgelora.lora import DeltaModule, int8_per_column
 
+from .quantize import reencode_pair_safe
+
 
 @dataclass(frozen=True)
 class Check:
@@ -81,7 +83,7 @@ def quantize_static(src: Path, dst: Path, q: Any, exclude: Sequence[str], calibr
     cache = dst.with_name(dst.stem + ".ranges.json")  # the ranges are the fp32 model's: calibrate once
     cache.unlink(missing_ok=True)
     _quantize(src, dst, q, fixed, calibration.batches, cache)
-    errors = _node_errors(src, dst, candidates, calibration.batches[:4])
+    errors = _node_errors(src, dst, candidates, calibration.batches[:4], q.int8_recipe)
     ranked = sorted(candidates, key=lambda n: -errors[n])
     trials: list[dict[str, Any]] = []
     kept: list[str] = []
@@ -108,7 +110,8 @@ def quantize_static(src: Path, dst: Path, q: Any, exclude: Sequence[str], calibr
 def weight_only(path: Path, nodes: Sequence[str]) -> None:
     """Give the MatMuls ``nodes`` (left float by the quantizer) per-channel int8 weights behind a DequantizeLinear,
     their activations staying float: the sensitivity pass's error came from their inputs' 8-bit steps (W1: GELU's
-    long tail), while a per-channel int8 weight costs them nothing measurable and a quarter of the bytes. Same
+    long tail), while a per-channel int8 weight costs them nothing measurable and a quarter of the bytes (full
+    range: the MatMul runs in float after the DequantizeLinear, no integer kernel can saturate). Same
     encoding and names as the quantizer's (``{w}_quantized``, ``_scale``, ``_zero_point``), so a LoRA target among
     them is still patched and swapped per task."""
     import onnx
@@ -165,6 +168,8 @@ def _quantize(src: Path, dst: Path, q: Any, exclude: Sequence[str], batches: Seq
                                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     finally:
         logging.disable(logging.NOTSET)
+    if q.pair_safe:
+        reencode_pair_safe(src, dst)
 
 
 class _Reader:
@@ -257,11 +262,11 @@ class _Checks:
         return [sess.run(["logits"], _feeds(sess, feeds))[0].argmax(-1) for feeds in check.feeds]
 
 
-def _node_errors(src: Path, qdq: Path, nodes: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]
-                 ) -> dict[str, float]:
+def _node_errors(src: Path, qdq: Path, nodes: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]],
+                 recipe: str = "int8") -> dict[str, float]:
     """Each MatMul's own quantization error, ``‖Q(x)·Q(W) − x·W‖ / ‖x·W‖`` on fp32 inputs ``x``: the activation
     quantized with the scale and zero point the calibrator gave its input in ``qdq``, the weight per-channel
-    symmetric int8 (as the quantizer stores it)."""
+    symmetric int8 in ``recipe`` (as the engine stores it)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -311,6 +316,6 @@ def _node_errors(src: Path, qdq: Path, nodes: Sequence[str], batches: Sequence[M
             continue
         scale, zp, lo, hi = params[name]
         xq = (np.clip(np.rint(x / scale) + zp, lo, hi) - zp) * scale
-        qw, sw = int8_per_column(w)
+        qw, sw = int8_per_column(w, recipe)
         errors[name] = float(np.linalg.norm(xq @ (qw.astype(np.float32) * sw) - ref) / max(np.linalg.norm(ref), 1e-12))
     return errors

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelora.lora import LAYOUTS, DeltaModule, int8_per_column
+from edgelora.lora import INT8_LEVELS, LAYOUTS, DeltaModule, int8_per_column
 
 from .names import WeightLocation
 
@@ -39,7 +39,7 @@ class Encoding:
     """How the final engine stores one fp32 initializer: ``recipe`` and the initializers that hold it
     (weight first; int8: + scale; nbits: + scales [+ zero points])."""
 
-    recipe: str  # float32 | float16 | int8 | nbits
+    recipe: str  # float32 | float16 | int8 | int8-reduced | int8-pairsafe (edgelora.lora.quant) | nbits
     names: tuple[str, ...]
     bits: int = 0
     block_size: int = 0
@@ -63,7 +63,11 @@ def encodings(model: Any, fp32_weights: Mapping[str, np.ndarray], folder: Path
             zp = inits.get(f"{name}_zero_point")
             if zp is not None and _array(zp, folder).any():
                 return None, f"{name}: int8 with zero points (asymmetric) is not re-encoded here"
-            enc = Encoding("int8", (f"{name}_quantized", f"{name}_scale"))
+            stored, scale = (_array(inits[f"{name}_{k}"], folder) for k in ("quantized", "scale"))
+            recipe = next((r for r in INT8_LEVELS if stored.shape == w0.shape and scale.shape == (w0.shape[1],)
+                           and all(np.array_equal(a, b) for a, b in zip(int8_per_column(w0, r), (stored, scale),
+                                                                        strict=True))), "int8")
+            enc = Encoding(recipe, (f"{name}_quantized", f"{name}_scale"))
         elif (q := next((f"{name}_Q{b}" for b in (4, 8) if f"{name}_Q{b}" in nbits), None)) is not None:
             node = nbits[q]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -91,8 +95,8 @@ def encode(enc: Encoding, w: np.ndarray) -> list[np.ndarray]:
         return [np.ascontiguousarray(w, np.float32)]
     if enc.recipe == "float16":
         return [w.astype(np.float16)]
-    if enc.recipe == "int8":
-        q, scale = int8_per_column(w)
+    if enc.recipe in INT8_LEVELS:
+        q, scale = int8_per_column(w, enc.recipe)
         return [q, scale]
     return list(_nbits(enc, w))
 

@@ -77,6 +77,87 @@ def _int8(src: Path, dst: Path, q: Any, exclude: tuple[str, ...] = ()) -> None:
                      # fused graphs hold com.microsoft ops that ONNX shape inference cannot type: they are float
                      nodes_to_exclude=list(exclude),
                      extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
+    if q.pair_safe:
+        reencode_pair_safe(src, dst)
+
+
+# integer MatMuls whose B (input 1) is an int8 weight multiplied by uint8 activations in ONNX Runtime's kernels
+INTEGER_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention")
+
+
+def reencode_pair_safe(src: Path, dst: Path) -> int:
+    """Re-encode, in ``dst``, every int8 weight an integer MatMul multiplies with uint8 activations (directly, or
+    through a DequantizeLinear feeding a MatMul/Gemm, which ONNX Runtime fuses into one at load) in
+    ``edgelora.lora.quant``'s ``int8-pairsafe`` recipe, from its fp32 original in ``src``: the quantizer's own
+    names (``{w}_quantized``, ``{w}_scale``), symmetric per output column of a (K, N) weight. Weights in another
+    layout (a transposed Gemm, per-tensor scales) are left as the quantizer wrote them. Returns how many were
+    re-encoded; then checks that every integer weight left in ``dst`` is pair-safe, naming any that is not."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from edgelora.errors import EdgeloraError
+    from edgelora.lora import PAIR_LIMIT, int8_per_column, max_pair_sum
+
+    model = onnx.load(str(dst))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = integer_weights(model)
+    originals = {i.name: i for i in onnx.load(str(src)).graph.initializer}
+    done = 0
+    for name in weights:
+        base = name.removesuffix("_quantized")
+        scale = inits.get(f"{base}_scale")
+        if name == base or scale is None:
+            continue
+        if base in originals:
+            w = numpy_helper.to_array(originals[base])
+        elif base.endswith("_Transposed") and base.removesuffix("_Transposed") in originals:  # a Gemm's transB
+            w = numpy_helper.to_array(originals[base.removesuffix("_Transposed")]).T
+        else:  # no fp32 original by the quantizer's names: from the values it wrote
+            w = numpy_helper.to_array(inits[name]).astype(np.float32) * numpy_helper.to_array(scale)
+        if w.dtype != np.float32 or w.ndim != 2 or tuple(scale.dims) != (w.shape[1],):
+            continue
+        q, s = int8_per_column(w, "int8-pairsafe")
+        inits[name].CopyFrom(numpy_helper.from_array(q, name))
+        scale.CopyFrom(numpy_helper.from_array(s, scale.name))
+        done += 1
+    unsafe = [n for n in weights if max_pair_sum(numpy_helper.to_array(inits[n])) > PAIR_LIMIT]
+    if unsafe:
+        raise EdgeloraError(f"int8 weight {unsafe[0]} (and {len(unsafe) - 1} more) could not be made pair-safe: "
+                            "it would saturate on AVX2 CPUs without VNNI; set [quantization] pair_safe = false "
+                            "in the target to keep it as the quantizer wrote it")
+    onnx.save(model, str(dst))
+    return done
+
+
+def integer_weights(model: Any) -> list[str]:
+    """The int8 initializers multiplied with uint8 activations by an integer kernel: the B of an integer MatMul,
+    or a DequantizeLinear's input feeding a MatMul/Gemm as B (a QDQ pair ONNX Runtime fuses at load)."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, k))
+
+    def quantized(name: str) -> bool:
+        return getattr(producer.get(name), "op_type", None) == "DequantizeLinear"
+
+    out = []
+    for node in model.graph.node:
+        if node.op_type in INTEGER_MATMULS:
+            name = node.input[1]
+        elif node.op_type == "DequantizeLinear" and any(  # a weight-only DQ (float activations) runs in float
+                c.op_type in ("MatMul", "Gemm") and k == 1 and quantized(c.input[0])
+                for c, k in consumers.get(node.output[0], [])):
+            name = node.input[0]
+        else:
+            continue
+        if name in inits and inits[name].data_type == TensorProto.INT8 and name not in out:
+            out.append(name)
+    return out
 
 
 def _int4(src: Path, dst: Path, q: Any, exclude: tuple[str, ...] = ()) -> None:

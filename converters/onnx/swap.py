@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelora.lora import int8_per_column
+from edgelora.lora import INT8_LEVELS, int8_per_column
 
 from .names import WeightLocation
 
@@ -97,10 +97,10 @@ def make_swap_graph(engine: Path, dst: Path, fp32_weights: Mapping[str, np.ndarr
             if (q_init.data_type != TensorProto.INT8 or transposed != {True} or scale.shape != (w0.shape[1],)
                     or (zp is not None and np.any(_array(zp, engine)))):
                 return None, f"{name}: int8 layout is not per-column symmetric over a (in, out) weight"
-            q, s = int8_per_column(w0)
-            if not (np.array_equal(q, stored) and np.array_equal(s, scale)):
-                return None, f"{name}: the int8 recipe does not reproduce the quantizer's weights bit for bit"
-            weights[name] = {"recipe": "int8", "inputs": {"weight": f"{name}_quantized", "scale": f"{name}_scale"},
+            recipe = int8_recipe(w0, stored, scale)
+            if recipe is None:
+                return None, f"{name}: no int8 recipe reproduces the quantizer's weights bit for bit"
+            weights[name] = {"recipe": recipe, "inputs": {"weight": f"{name}_quantized", "scale": f"{name}_scale"},
                              "shape": list(w0.shape)}
         else:
             return None, (f"{name}: stored as {_encoding(inits, name)}, which the runtime does not rebuild; "
@@ -183,3 +183,13 @@ def _external(init: Any) -> dict[str, Any] | None:
 def _encoding(inits: Mapping[str, Any], name: str) -> str:
     found = sorted(n for n in inits if n.startswith(name))
     return ", ".join(found[:3]) if found else "no initializer of that name (folded by the quantizer)"
+
+
+def int8_recipe(w0: np.ndarray, stored: np.ndarray, scale: np.ndarray) -> str | None:
+    """The int8 recipe (``edgelora.lora.quant``: full range, 7-bit or pair-safe) whose per-column encoding of
+    ``w0`` is the engine's ``stored`` values and ``scale`` bit for bit; None when none is."""
+    for recipe in INT8_LEVELS:
+        q, s = int8_per_column(w0, recipe)
+        if np.array_equal(q, stored) and np.array_equal(s, scale):
+            return recipe
+    return None

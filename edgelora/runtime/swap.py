@@ -10,9 +10,10 @@ where numpy over strided slices measured 2-3x slower. The GEMM is computed in th
 fed in (``WeightLocation.transposed``: (in, out), else (out, in), which fp32 swap graphs use), the layout the
 exporter merged that weight in, so a rebuilt weight is the baked engine's bit for bit.
 
-Recipes (per weight, from the manifest): ``float32``; ``float16`` (cast); ``int8`` (ONNX Runtime's
-per-column symmetric recipe, shared by its dynamic and its static QDQ quantizers, re-applied to the touched
-columns only — per-column scales make that identical to quantizing the whole merged weight).
+Recipes (per weight, from the manifest): ``float32``; ``float16`` (cast); ``int8`` / ``int8-reduced`` /
+``int8-pairsafe`` (per-column symmetric int8, ``edgelora.lora.quant``: the last is exact on AVX2 CPUs without
+VNNI too), re-applied to the touched columns only — per-column scales make that identical to quantizing the
+whole merged weight.
 
 int8 rebuilds keep what they made: a task's first switch re-quantizes its weights (W1: ~4-6 ms, eight passes
 over 1.8M values) and leaves the int8 values and scales with the task (``encoded``, 1.8 MB for W1's
@@ -42,7 +43,7 @@ from ..format.files import FileEntry, map_file
 from ..format.location import WeightLocation
 from ..format.manifest import SwapSpec, SwapWeight
 from ..format.safetensors import parse
-from ..lora import DeltaModule, int8_per_column, int8_per_column_into, lora_delta_in_out, lora_delta_out_in
+from ..lora import INT8_LEVELS, DeltaModule, int8_per_column, int8_per_column_into, lora_delta_in_out, lora_delta_out_in
 
 
 @functools.cache
@@ -148,7 +149,7 @@ class SwapWeights:
             elif entry.recipe == "float16":
                 arrays[inputs["weight"]] = w0.astype(np.float16)
             else:
-                arrays[inputs["weight"]], arrays[inputs["scale"]] = int8_per_column(w0)
+                arrays[inputs["weight"]], arrays[inputs["scale"]] = int8_per_column(w0, entry.recipe)
         return arrays
 
     def build(self, slot: Slot, modules: Mapping[str, DeltaModule],
@@ -180,7 +181,7 @@ class SwapWeights:
                 continue
             delta = self._packed_delta(name, mods, modules, self._scratch_for(share, name)) if mods else None
             self._apply(slot, name, mods, delta, share)
-            if mods and encoded is not None and self.spec[name].recipe == "int8":
+            if mods and encoded is not None and self.spec[name].recipe in INT8_LEVELS:
                 for key in self.spec[name].inputs.values():  # distinct keys per weight: safe across the workers
                     encoded[key] = slot.arrays[key].copy()
 
@@ -188,7 +189,7 @@ class SwapWeights:
         """Fill ``encoded`` with the task's int8 weights now (no slot changes), so its first switch copies too.
         Calls must not overlap with ``build`` (the runtime holds its activate lock)."""
         jobs = [(n, [m for m in self.modules_of.get(n, ()) if m in modules]) for n in self.spec
-                if self.spec[n].recipe == "int8" and n not in encoded]
+                if self.spec[n].recipe in INT8_LEVELS and n not in encoded]
         jobs = [job for job in jobs if job[1]]
         if not jobs:
             return
@@ -249,7 +250,7 @@ class SwapWeights:
         for lo, hi in _runs(np.flatnonzero(touched)):
             # one strided pass into a contiguous block, then the quantizer's passes run contiguous, in cache
             block = np.add(w0[:, lo:hi], delta[:, lo:hi], out=self._contiguous(name, hi - lo, share))
-            s_buf[lo:hi] = int8_per_column_into(block, q_buf[:, lo:hi])
+            s_buf[lo:hi] = int8_per_column_into(block, q_buf[:, lo:hi], entry.recipe)
         if not touched.all():
             for lo, hi in _runs(np.flatnonzero(~touched)):
                 np.copyto(q_buf[:, lo:hi], q_base[:, lo:hi])
