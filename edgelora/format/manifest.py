@@ -26,7 +26,8 @@ FORMAT_VERSION = 3  # 3: sha256 + size of every file, labels in each delta, max_
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 SCHEMA = "manifest.schema.json"  # the same rules as JSON Schema, beside this file, for readers in other languages
-RECIPES = ("float32", "float16", "int8")  # how the runtime re-encodes a rebuilt weight (runtime/swap.py)
+# how the runtime re-encodes a rebuilt weight (runtime/swap.py; the int8 ones: edgelora/lora/quant.py)
+RECIPES = ("float32", "float16", "int8", "int8-reduced", "int8-pairsafe")
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 KV_CACHES = ("concat", "shared")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -190,7 +191,8 @@ class TaskEntry:
     engine_io: EngineIO | None
     # what the task is, for people and tools (the runtime reads the delta itself)
     adapter_hash: str | None = None
-    adapter_path: str | None = None  # where the adapter was read from on the machine that exported it
+    adapter_path: str | None = None  # relative to the exporter's working directory, or the folder's name (older
+    # folders: the exporting machine's absolute path)
     rank: int = 0
     scale: tuple[float, ...] = ()
     targets: tuple[str, ...] = ()
