@@ -128,6 +128,15 @@ def test_swapped_task_cells_are_rebuilt(clean, tmp_path):
              "task/topic/cpu-fp32 holds another cell's record")
 
 
+def test_a_cell_that_cannot_be_assembled_is_rebuilt(clean, tmp_path):
+    """The topic cell's stage state cut short (as a stage of another format would fail to read): the cell is
+    rebuilt instead of failing the build."""
+    cache, out = _copy(clean, tmp_path)
+    state = _cell(cache, "task", "topic") / "task-stage.json"
+    state.write_text(state.read_text()[:100])
+    _rebuild(clean, cache, out, "task/topic/cpu-fp32 cannot be assembled (task-stage.json: unreadable stage state")
+
+
 def test_an_edited_accuracy_is_not_a_gate_number(clean, tmp_path):
     """The topic cell records 100% accuracy: the gates read the accuracy measured on the assembled folder, and the
     cell, which is not what it claims, is rebuilt; then, with the folder published and unchanged, the same edit

@@ -11,16 +11,18 @@ Kinds, in the order a build runs them:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeloraError
 from .cache import Cache
-from .rederive import Suspect
+from .rederive import Suspect, base_cell_name, task_cell_name
 
 
 def _threads(n: int) -> None:
@@ -102,12 +104,13 @@ def _folder(job: dict[str, Any]) -> dict[str, Any]:
 
     output = Path(job["output"])
     target = load_target(job["target"])
-    tasks = {n: {**t, "accuracy": task_state(Path(job["task_cells"][n]))["report"].get("accuracy")}
-             for n, t in job["tasks"].items()}
     with atomic_output_dir(output, force=True) as out:
         staged = out / "assembled"  # inside the locked temporary folder: a kill leaves nothing published
-        assemble(Path(job["base_cell"]), {n: Path(p) for n, p in job["task_cells"].items()}, target, staged,
-                 threads=job["threads"])
+        with _blame_unreadable(job):
+            tasks = {n: {**t, "accuracy": task_state(Path(job["task_cells"][n]))["report"].get("accuracy")}
+                     for n, t in job["tasks"].items()}
+            assemble(Path(job["base_cell"]), {n: Path(p) for n, p in job["task_cells"].items()}, target, staged,
+                     threads=job["threads"])
         with scratch_dir(out) as scratch:
             rederived = check_folder(staged, base=job["base"], target=target, label=job["target_label"], tasks=tasks,
                                      threads=job["threads"], trusted=set(job["trusted"]), scratch=scratch)
@@ -117,3 +120,22 @@ def _folder(job: dict[str, Any]) -> dict[str, Any]:
     if job["bundle"]:
         pack(output, output.with_name(output.name + ".bundle"), force=True)
     return rederived
+
+
+@contextlib.contextmanager
+def _blame_unreadable(job: dict[str, Any]) -> Iterator[None]:
+    """A cell from the cache that cannot even be assembled (a record or state file that does not parse, one
+    written by another version of the stage format) is a :class:`Suspect`, for the build to rebuild; one this
+    build made is a bug, and its error stands."""
+    label = job["target_label"]
+    cells = {base_cell_name(label): job["base_cell"],
+             **{task_cell_name(n, label): p for n, p in job["task_cells"].items()}}
+    try:
+        yield
+    except EdgeloraError as exc:
+        message = str(exc)
+        blamed = {name: f"cannot be assembled ({message.replace(path, '').strip(' :/')[:160]})"
+                  for name, path in cells.items() if path in message and name not in job["trusted"]}
+        if blamed:
+            raise Suspect(blamed) from None
+        raise
