@@ -353,7 +353,8 @@ class ConformanceTask:
     """One task's reference vectors in the conformance file: ``{task}/input_ids``, ``{task}/attention_mask``
     (int64, batch × sequence) and ``{task}/{output}`` (float32) for each of ``outputs``, PyTorch's values at
     every position (``"all"``) or at the last position only (``"last"``: decoders, whose logits over a whole
-    vocabulary at every position would weigh megabytes)."""
+    vocabulary at every position would weigh megabytes); ``{task}/{output}:without_lora`` the same with the
+    task's head on W0 (``format/conformance.py``)."""
 
     outputs: tuple[str, ...]
     positions: str = "all"
