@@ -35,12 +35,17 @@ class LMExample:
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise EdgeloraError(f"data file {path} does not exist; check the path")
-    if not path.is_file():
+    if path.is_dir():
         raise EdgeloraError(f"data file {path} is a folder; pass a .tsv, .csv or .jsonl file")
+    if not path.is_file():
+        raise EdgeloraError(f"data file {path} is not a regular file (a pipe or a device); pass a .tsv, .csv or "
+                            ".jsonl file")
 
 
-def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """(columns, rows) of a table file; every row has every column."""
+def _rows(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """(columns, rows, each row's line number) of a table file. A TSV/CSV row has every column; a JSONL row has
+    its own keys (``columns`` are the first row's), so a reader checks each row for the keys it needs
+    (:func:`require`)."""
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")
@@ -48,6 +53,7 @@ def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise EdgeloraError(f"cannot read {path} as UTF-8 text ({exc}); re-save it as UTF-8") from None
     if suffix == ".jsonl":
         rows: list[dict[str, str]] = []
+        numbers: list[int] = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -58,8 +64,9 @@ def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             if not isinstance(obj, dict):
                 raise EdgeloraError(f"{path} line {n} must be a JSON object")
             rows.append({str(k): "" if v is None else str(v) for k, v in obj.items()})
+            numbers.append(n)
         columns = list(rows[0]) if rows else []
-        return columns, rows
+        return columns, rows, numbers
     if suffix in (".tsv", ".csv"):
         lines = text.splitlines()
         if not lines:
@@ -69,15 +76,26 @@ def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         else:
             table = [r for r in csv.reader(lines) if r]
         header, body = table[0], table[1:]
-        rows = []
+        rows, numbers = [], []
         for n, fields in enumerate(body, 2):
             if len(fields) != len(header):
                 raise EdgeloraError(
                     f"{path} line {n} has {len(fields)} fields, the header has {len(header)}; fix that line"
                 )
             rows.append(dict(zip(header, fields, strict=True)))
-        return header, rows
+            numbers.append(n)
+        return header, rows, numbers
     raise EdgeloraError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv or .jsonl")
+
+
+def require(path: Path, rows: Sequence[dict[str, str]], numbers: Sequence[int], keys: Sequence[str]) -> None:
+    """Every row has every key in ``keys``: a JSONL row may lack one its first row has, which would otherwise
+    surface as a ``KeyError`` deep in training or calibration."""
+    for row, n in zip(rows, numbers, strict=True):
+        missing = next((k for k in keys if k not in row), None)
+        if missing is not None:
+            raise EdgeloraError(f"{path} line {n} has no {missing!r} key (keys: {', '.join(row) or 'none'}); add it "
+                                "to that row or remove the row")
 
 
 def read_classification(
@@ -86,7 +104,7 @@ def read_classification(
     """Read ``(text, label)`` examples; labels are kept as strings."""
     path = Path(path)
     _check_file(path)
-    columns, rows = _rows(path)
+    columns, rows, numbers = _rows(path)
     if not rows:
         raise EdgeloraError(f"{path} has no examples; add rows under the header")
     if text_column is None:
@@ -99,6 +117,7 @@ def read_classification(
     for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if col not in columns:
             raise EdgeloraError(f"{path} has no column {col!r} (columns: {', '.join(columns)}); pass {flag}")
+    require(path, rows, numbers, (text_column, label_column))
     out = []
     for n, row in enumerate(rows, 1):
         label = row[label_column].strip()
@@ -117,18 +136,18 @@ def read_lm(path: str | Path) -> list[LMExample]:
         if not text.strip():
             raise EdgeloraError(f"{path} is empty; add training text")
         return [LMExample("", text)]
-    columns, rows = _rows(path)
+    columns, rows, numbers = _rows(path)
     if not rows:
         raise EdgeloraError(f"{path} has no examples")
     out = []
-    for n, row in enumerate(rows, 1):
+    for n, row in zip(numbers, rows, strict=True):
         if "completion" in row:
             out.append(LMExample(row.get("prompt", ""), row["completion"]))
         elif "text" in row:
             out.append(LMExample("", row["text"]))
         else:
             raise EdgeloraError(
-                f"{path} example {n} has neither 'completion' nor 'text' (keys: {', '.join(row)}); "
+                f"{path} line {n} has neither 'completion' nor 'text' (keys: {', '.join(row)}); "
                 'write {"prompt": ..., "completion": ...} per line'
             )
     return out

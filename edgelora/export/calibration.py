@@ -37,13 +37,14 @@ def read_texts(path: Path) -> list[str]:
                                 "line") from None
         texts = [t for t in texts if t]
     else:
-        from ..data import TEXT_COLUMNS, _rows
+        from ..data import TEXT_COLUMNS, _rows, require
 
-        columns, rows = _rows(path)
+        columns, rows, numbers = _rows(path)
         column = next((c for c in TEXT_COLUMNS if c in columns), None)
         if column is None:
             raise EdgeloraError(f"--calibrate: {path} has no 'sentence' or 'text' column (columns: "
                                 f"{', '.join(columns) or 'none'}); add one, or pass a .txt with one text per line")
+        require(path, rows, numbers, (column,))
         texts = [r[column].strip() for r in rows if r[column].strip()]
     if len(texts) < 2:
         raise EdgeloraError(f"--calibrate: {path} has {len(texts)} text(s); static int8 needs at least 2 (some to "
@@ -93,6 +94,12 @@ def build_calibration(texts: Mapping[str, list[str]], tasks: Mapping[str, tuple[
 
 
 def _encode(tokenizer: Any, texts: list[str], sequence: int, fixed: bool) -> dict[str, np.ndarray]:
+    from ..runtime.text import clip_text
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False, truncation=True, max_length=sequence)["input_ids"])
+
+    texts = [clip_text(t, sequence, count) for t in texts]  # a 4 MB line: 128 ids, not 1.5 GB of them
     enc = tokenizer(texts, padding="max_length" if fixed else True, truncation=True, max_length=sequence,
                     return_tensors="np")
     return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
