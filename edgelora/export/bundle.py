@@ -18,8 +18,8 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import EdgeloraError
-from ..format.files import read_bytes, verify_files
+from ..errors import DeploymentError, EdgeloraError
+from ..format.files import locate, read_bytes, verify_files
 from ..format.layout import MANIFEST, write_json
 from ..format.manifest import Manifest, read_manifest
 from ..fsutil import atomic_output_dir, check_output
@@ -91,7 +91,14 @@ def _engine_files(folder: Path, manifest: Manifest, engine: str) -> set[str]:
     if manifest.mobile is not None and engine in manifest.mobile.engines:
         return {manifest.mobile.engines[engine]}
 
-    model = onnx.load(str(folder / engine), load_external_data=False)
+    # read as the runtime reads: a regular file inside the folder (a FIFO in its place is refused, not waited on),
+    # of the manifest's size and sha256, then parsed; bytes ONNX cannot parse are one line, not protobuf's error
+    data = read_bytes(folder, engine, "engine", manifest.files.get(engine))
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError, or onnx's own for a model it cannot read
+        raise DeploymentError(f"{folder / engine}: not an ONNX model ({type(exc).__name__}); re-export the "
+                              "folder") from None
     base = Path(engine).parent
     out = {engine}
     for init in model.graph.initializer:
@@ -119,7 +126,7 @@ def pack(folder: str | os.PathLike[str], output: str | os.PathLike[str], mixed: 
             if manifest.files[rel].size <= 64 << 20:
                 dst.write_bytes(read_bytes(folder, rel, "file", manifest.files[rel]))
             else:  # large engine data: streamed, then hashed where it landed
-                shutil.copyfile(folder / rel, dst)
+                shutil.copyfile(locate(folder, rel, "file"), dst)
                 verify_files(out, {rel: manifest.files[rel]})
         write_json(out / MANIFEST, bundle.manifest.to_json())
     return bundle
