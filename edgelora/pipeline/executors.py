@@ -49,6 +49,8 @@ class RayExecutor:
         except ImportError:
             raise EdgeloraError("--executor ray needs Ray: pip install 'edgelora[ray]'") from None
         self.ray = ray
+        if address:
+            probe_ray_address(address)
         try:
             if address:
                 ray.init(address=address, log_to_driver=False)
@@ -68,6 +70,36 @@ class RayExecutor:
 
     def close(self) -> None:
         self.ray.shutdown()
+
+
+PROBE_SECONDS = 5.0
+
+
+def probe_ray_address(address: str, timeout: float = PROBE_SECONDS) -> None:
+    """Refuse an address nothing listens on within ``timeout`` seconds: ``ray.init`` retries an unreachable
+    cluster for minutes before it gives up. ``HOST:PORT`` (a cluster's GCS, default port 6379) and
+    ``ray://HOST[:PORT]`` (Ray Client, default 10001) are probed with one TCP connect; ``auto`` and ``local``
+    (resolved by Ray itself) are passed through."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    client = address.startswith("ray://")
+    try:
+        parts = urlsplit(address if client else f"//{address}")
+        host, port, path = parts.hostname, parts.port or (10001 if client else 6379), parts.path
+    except ValueError:  # a port that is not a number
+        host, port, path = None, None, ""
+    if not host or (path and not client):
+        raise EdgeloraError(f"--ray-address {address!r:.80} is not HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise EdgeloraError(f"--ray-address {address}: nothing answers at {host}:{port} within {timeout:g} s "
+                            f"({exc.strerror or type(exc).__name__}); start the cluster (ray start --head) or "
+                            "fix the address") from None
 
 
 def make_executor(kind: str, jobs: int, address: str | None) -> LocalExecutor | RayExecutor:
