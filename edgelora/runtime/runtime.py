@@ -202,6 +202,10 @@ class Runtime:
         folder = Path(path)
         if slots < 2:
             raise InputError(f"slots = {slots}; the swap needs at least 2 (one active, one to build into)")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+            # 0 and None both mean ONNX Runtime's own choice (its intra_op_num_threads = 0 convention)
+            raise InputError(f"threads = {threads!r}; pass a number of threads ≥ 1, or 0 / None for ONNX Runtime's "
+                             "default")
         manifest = read_manifest(folder)
         check_sizes(folder, manifest.files)
         if verify:
