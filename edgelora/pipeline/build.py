@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import EdgeloraError
 from .cache import Cache, atomic_write_text, digest, file_sha256, folder_sha256, signing_key
 from .executors import make_executor
-from .spec import DataSelection, Pipeline, check_outputs, load_pipeline, only_cell
+from .spec import DataSelection, Pipeline, check_outputs, check_overlaps, load_pipeline, only_cell
 
 STAMP = ".edgelora-build.json"  # in the output folder: which cells each deployment folder was assembled from
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "edgelora.json")
@@ -105,6 +105,7 @@ class Build:
         self.base_path = resolve_base(self.p.base)
         if only is None and not prepare:  # the only runs that write the output folder
             check_outputs(self.p, list(self.labels.values()), self.base_path)
+        check_overlaps(self.p)  # before a cell is trained on rows its gates would then be measured on
         self.base_fp = fingerprint(self.base_path)
         self.jobs, self.executor_kind, self.ray_address = jobs, executor, ray_address
         self.executor: Any = None

@@ -12,9 +12,10 @@ file with disjoint ``offset`` ranges never share a row.
 from __future__ import annotations
 
 import math
+import random
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,32 @@ def _target_label(target: str) -> str:
 
 
 target_label = _target_label
+
+
+def selected_rows(sel: DataSelection, labels: Sequence[str]) -> list[int]:
+    """The row indices (into the file's examples, whose labels are ``labels``) a selection takes: the rows whose
+    label it keeps, shuffled with its seed, ``rows`` of them from ``offset`` (the build's rule for writing it)."""
+    keep = [i for i, label in enumerate(labels) if sel.labels is None or label in sel.labels]
+    random.Random(sel.seed).shuffle(keep)
+    want = sel.rows if sel.rows is not None else len(keep) - sel.offset
+    return keep[sel.offset:sel.offset + want]
+
+
+def check_overlaps(pipeline: Pipeline) -> None:
+    """Refuse a task whose eval selection shares rows with its training selection: its accuracy gates would be
+    measured on data it was trained on. Selections of one file are compared row by row (a file is read once)."""
+    from ..data import read_classification
+
+    labels: dict[Path, list[str]] = {}
+    for name, t in pipeline.tasks.items():
+        if t.train is None or t.eval is None or t.train.data.file != t.eval.file:
+            continue
+        file = t.eval.file
+        if file not in labels:
+            labels[file] = [e.label for e in read_classification(file)]
+        train, ev = set(selected_rows(t.train.data, labels[file])), selected_rows(t.eval, labels[file])
+        shared = sum(1 for i in ev if i in train)
+        if shared:
+            raise EdgeloraError(f"{pipeline.source.name}: tasks.{name}: {shared} of its {len(ev)} eval rows are also "
+                                f"training rows ({file.name}); give tasks.{name}.eval an offset past the training "
+                                "rows, or another file: the gates would be measured on training data")
