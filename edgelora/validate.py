@@ -64,6 +64,28 @@ def check_fingerprint(adapter: Adapter, base_fingerprint: str, base_name: str) -
         )
 
 
+def check_coverage(adapter: Adapter, model: torch.nn.Module) -> None:
+    """The adapter's tensors and its ``target_modules`` name the same modules, as PEFT loads them: tensors of a
+    module the config does not target are dropped by PEFT ("unexpected adapter keys"), and a targeted layer
+    without tensors gets a fresh LoRA layer ("missing adapter keys"; random B unless initialised to zero).
+    Either way PEFT's model is not the one a merge of the tensors would make, so both are refused."""
+    cfg, where = adapter.config, adapter.source or "adapter"
+    if cfg.target_modules is None or (isinstance(cfg.target_modules, str)
+                                      and cfg.target_modules.lower() == "all-linear"):
+        return  # PEFT resolves these from the model at injection (and saves the resolved names)
+    shown = (repr(cfg.target_modules) if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules))
+    for name in adapter.modules:
+        if not cfg.targets(name):
+            raise EdgeloraError(f"{where}: LoRA module {name!r} has tensors but target_modules ({shown:.120}) does "
+                                "not name it, so PEFT would drop them; add it to target_modules in "
+                                "adapter_config.json or re-save the adapter with PEFT")
+    for name, layer in model.named_modules():
+        if name and name not in adapter.modules and _layer_kind(layer) is not None and cfg.targets(name):
+            raise EdgeloraError(f"{where}: target_modules ({shown:.120}) names module {name!r} but the adapter has "
+                                "no LoRA tensors for it, so PEFT would give it a fresh LoRA layer; remove it from "
+                                "target_modules in adapter_config.json or re-save the adapter with PEFT")
+
+
 # complexity: one check per way a module can fail to fit the base (missing, layer kind, shapes, DoRA, bias),
 # each with its own message naming the module
 def plan_merge(adapter: Adapter, model: torch.nn.Module) -> MergePlan:  # noqa: C901
@@ -124,6 +146,7 @@ def plan_merge(adapter: Adapter, model: torch.nn.Module) -> MergePlan:  # noqa: 
                 )
             bias_key = f"{name}.bias"
         targets.append(MergeTarget(name, f"{name}.weight", bias_key, fan_in_fan_out, lora))
+    check_coverage(adapter, model)  # after each module is found in the base: a wrong base is named as such
 
     replacements: dict[str, torch.Tensor] = {}
     for key, value in adapter.replacements.items():
