@@ -14,8 +14,15 @@ Heavy dependencies (torch, transformers, peft) are imported by the modules that 
 """
 
 import logging as _logging
+import os as _os
 
 from .errors import EdgeloraError, EdgeloraWarning
+
+# ONNX Runtime 1.2x's Linux/macOS builds start telemetry when the module is imported: a device id and an event
+# database under ~/.cache/Microsoft/DeveloperTools/.onnxruntime, and uploads. ORT_DISABLE_TELEMETRY=1 stops all
+# of it, but only if set before onnxruntime is imported; an application that imported it first, or set the
+# variable itself, keeps its own choice.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # torchao (installed with the executorch extra) is imported by transformers and peft whenever it is present; its
 # CUDA-only extensions then log "Failed to load ..." on a CPU torch, and torch's pytree logs deprecations for
