@@ -229,7 +229,7 @@ def main() -> None:
     w1 = default_adapters()
     for target in () if args.skip_w1 else ("cpu-fp32", "cpu-int8"):
         folder = _export(None, w1, target, args.work / f"w1-{target}")
-        b = bench(folder, threads=2, rounds=args.rounds)
+        b = bench(folder, threads=2, rounds=args.rounds, adapters=w1)
         print(bench_table(b), flush=True)
         result[f"w1 {target}"] = {"bench": b, "parity": parity(folder), "memory": memory(folder),
                                    "tax": latency_tax(folder, args.rounds)}
@@ -241,7 +241,7 @@ def main() -> None:
         base = make_w2_base(args.work / "w2-base")
         adapters = {f"t{s}": make_w2_adapter(base, args.work / f"w2-t{s}", seed=s) for s in (1, 2)}
         folder = _export(base, adapters, "cpu-fp32", args.work / "w2-cpu-fp32")
-        b = bench(folder, threads=2, rounds=max(3, args.rounds // 2), peft=True)
+        b = bench(folder, threads=2, rounds=max(3, args.rounds // 2), peft=True, adapters=adapters)
         print(bench_table(b), flush=True)
         result["w2 cpu-fp32"] = {"bench": b, "tax": latency_tax(folder, args.rounds)}
         # the other mechanism side by side: weights rebuilt in place (the default for encoders)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,17 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 8, per_round: i
                 times[name].append(time.perf_counter() - t0)
     return {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "runs": len(v)}
             for k, v in times.items()}
+
+
+def _with_adapters(manifest: dict[str, Any], adapters: Mapping[str, str | Path] | None, folder: Path
+                   ) -> dict[str, Any]:
+    """The manifest with each given task's adapter folder in place of what it records (for PEFT's model)."""
+    for name, path in (adapters or {}).items():
+        if name not in manifest["tasks"]:
+            raise EdgeloraError(f"--adapter {name}=...: {folder} has no task {name!r}; tasks: "
+                                f"{', '.join(manifest['tasks'])}")
+        manifest["tasks"][name]["adapter_path"] = str(Path(path).resolve())
+    return manifest
 
 
 def _peft_unmerged(manifest: dict[str, Any], name: str, threads: int) -> Callable[[], Any] | None:
@@ -116,8 +127,10 @@ def _peft_fn(manifest: dict[str, Any], name: str, threads: int, feeds: dict[str,
 
 
 def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int = 10, peft: bool = True,
-          beside: str | Path | None = None) -> dict[str, Any]:
-    """``beside``: for an ExecuTorch folder, a cpu-fp32 ONNX Runtime folder of the same adapters, timed with it."""
+          beside: str | Path | None = None, adapters: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
+    """``beside``: for an ExecuTorch folder, a cpu-fp32 ONNX Runtime folder of the same adapters, timed with it.
+    ``adapters``: task -> its PEFT folder, for PEFT's unmerged model (default: where the manifest says it was
+    read from, relative to the working directory, where that is still a folder)."""
     import numpy as np
 
     from .format.files import check_sizes
@@ -131,11 +144,11 @@ def bench(folder: str | Path, threads: int = 2, rounds: int = 8, per_round: int 
     from .converters.executorch.layout import is_executorch
 
     if is_executorch(read_manifest(folder)):
-        return bench_executorch(folder, threads, rounds, per_round, peft, beside)
+        return bench_executorch(folder, threads, rounds, per_round, peft, beside, adapters)
     if beside is not None:
         raise EdgeloraError(f"--beside is for an ExecuTorch folder; {folder} is ONNX Runtime's: bench it alone")
     check_sizes(folder, read_checked(folder).files)  # the paths below are the checked manifest's, inside the folder
-    manifest = read_manifest(folder)
+    manifest = _with_adapters(read_manifest(folder), adapters, folder)
     target = manifest["target"]
     batch, seq = target["shapes"]["batch"], target["shapes"]["sequence"]
     vocab = int(manifest["base"]["vocab_size"])
@@ -336,7 +349,7 @@ def _beside_folder(beside: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_executorch(folder: Path, threads: int, rounds: int, per_round: int, peft: bool,
-                     beside: str | Path | None) -> dict[str, Any]:
+                     beside: str | Path | None, adapters: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
     """An ExecuTorch folder (``converters/executorch/``): per task its merged program and the branch program fed
     its delta, interleaved on the same inputs with ONNX Runtime's fp32 engine of the task from ``beside``;
     each form's task file, max |Δ| against PyTorch (PEFT unmerged; ``peft``), the export's and ONNX Runtime's;
@@ -351,7 +364,7 @@ def bench_executorch(folder: Path, threads: int, rounds: int, per_round: int, pe
     why = unavailable()
     if why is not None:
         raise EdgeloraError(f"{folder} is an ExecuTorch folder; {why}")
-    manifest = read_manifest(folder)
+    manifest = _with_adapters(read_manifest(folder), adapters, folder)
     beside = Path(beside) if beside is not None else None
     ort = _beside_folder(beside, manifest) if beside is not None else None
     progs = et.open_programs(folder, manifest, threads)

@@ -316,10 +316,13 @@ def export(base: str | None, adapters: tuple[str, ...], target: str, output: Pat
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads for every engine and PyTorch.")
 @click.option("--rounds", type=int, default=8, show_default=True, help="Interleaved rounds (10 timed runs each).")
 @click.option("--no-peft", is_flag=True, help="Skip PEFT's unmerged model in PyTorch.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="A task's PEFT folder, for PEFT's unmerged model (default: where the manifest says).")
 @click.option("--beside", type=click.Path(path_type=Path), default=None,
               help="ExecuTorch folders: a cpu-fp32 folder of the same adapters, timed beside it (ONNX Runtime).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def bench(folder: Path, threads: int, rounds: int, no_peft: bool, beside: Path | None, as_json: bool) -> None:
+def bench(folder: Path, threads: int, rounds: int, no_peft: bool, adapters: tuple[str, ...], beside: Path | None,
+          as_json: bool) -> None:
     """Latency of a deployment folder's engines side by side (medians, ratios to the base engine; an ExecuTorch
     folder: both program forms per task, beside ONNX Runtime fp32 with --beside)."""
     from .bench import bench as run_bench
@@ -327,7 +330,8 @@ def bench(folder: Path, threads: int, rounds: int, no_peft: bool, beside: Path |
 
     if threads < 1 or rounds < 1:
         raise EdgeloraError("--threads and --rounds must be ≥ 1")
-    result = run_bench(folder, threads=threads, rounds=rounds, peft=not no_peft, beside=beside)
+    result = run_bench(folder, threads=threads, rounds=rounds, peft=not no_peft, beside=beside,
+                       adapters=_pairs(adapters, "--adapter"))
     if as_json:
         _print_json(result)
     else:

@@ -102,7 +102,10 @@ def test_default_export_is_the_main_job(tmp_path, cli, monkeypatch):
     # the fused encoder packs q, k, v into one weight: the map records the slice of each target
     assert all(loc["slice"] is not None for loc in manifest["name_map"]["modules"].values())
 
-    res = cli("bench", dep, "--rounds", "1", "--json")
+    # run elsewhere than the adapters, the manifest records only their folders' names: bench is told where they are
+    assert manifest["tasks"]["sst2"]["adapter_path"] == "sst2"
+    res = cli("bench", dep, "--rounds", "1", "--json", "--adapter", f"sst2={EXAMPLES / 'sst2'}",
+              "--adapter", f"agnews={EXAMPLES / 'agnews'}")
     assert res.code == 0, res.err
     result = json.loads(res.out)
     engines = result["engines"]

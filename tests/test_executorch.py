@@ -147,7 +147,8 @@ def test_bench_times_both_forms_beside_onnx_runtime(deployment, beside, cli):
     """`edgelora bench DIR --beside CPU_FP32`: per task both ExecuTorch forms and ONNX Runtime's fp32 engine on
     the same inputs, each form's file, parity against PEFT in PyTorch and ONNX Runtime, switch times, the CPU."""
     _, adapters, out = deployment
-    res = cli("bench", out, "--beside", beside, "--rounds", "1", "--threads", "1", "--json")
+    res = cli("bench", out, "--beside", beside, "--rounds", "1", "--threads", "1", "--json",
+              *[a for name, p in adapters.items() for a in ("--adapter", f"{name}={p}")])
     assert res.code == 0, res.err
     r = json.loads(res.out)
     assert r["backend"] == "executorch" and r["target"] == "executorch-xnnpack" and r["beside"] == str(beside)

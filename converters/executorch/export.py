@@ -33,7 +33,7 @@ import torch
 from edgelora.errors import EdgeloraError
 from edgelora.format.delta import read_delta, write_delta
 from edgelora.format.files import file_table
-from edgelora.format.layout import REPORT_JSON, REPORT_MD, TOKENIZER_DIR, delta_path, write_json
+from edgelora.format.layout import REPORT_JSON, REPORT_MD, TOKENIZER_DIR, adapter_record, delta_path, write_json
 from edgelora.lora import LAYOUTS, DeltaModule
 
 from . import program, runner
@@ -335,7 +335,7 @@ def write_outputs(ctx: Any) -> None:
     for name, t in st.tasks.items():
         merged_bytes, delta_bytes = size[t.program], size[t.delta]
         tasks[name] = {"program": t.program, "delta": t.delta, "labels": t.labels,
-                       "adapter_path": str(Path(ctx.adapters[name]).absolute()),
+                       "adapter_path": adapter_record(ctx.adapters[name]),
                        "adapter_hash": ctx.prepared[name].plan.adapter_hash, "rank": st.ranks}
         p = t.parity["merged"]
         rows[name] = {**p, "accuracy": None, "torch_accuracy": None, "latency_ms": t.latency_ms["merged"],

@@ -42,6 +42,7 @@ from ..format.layout import (
     REPORT_JSON,
     REPORT_MD,
     TOKENIZER_DIR,
+    adapter_record,
     delta_path,
     ort_adapter_path,
     task_engine_path,
@@ -118,6 +119,14 @@ def read_adapters(ctx: ExportContext) -> None:
     ctx.base_path, ctx.base_fingerprint = first.base_path, first.base_fingerprint
     ctx.family = str(read_config(first.base_path).get("model_type", ""))
     ctx.model_config = first.model.config
+    positions = _config_int(ctx.model_config, "max_position_embeddings", "n_positions", "n_ctx")
+    if ctx.target.decoder_graph != "trace" and positions is not None and positions < ctx.target.shapes.sequence:
+        # the builder sizes its rotary cache and KV buffer from the target's sequence: ONNX Runtime would fail
+        # deep in the first check, after the base engine was built
+        raise EdgeloraError(f"target {ctx.target.name} builds a decoder graph for {ctx.target.shapes.sequence} "
+                            f"positions ([shapes] sequence) but the base {ctx.base_path} has {positions} "
+                            f"(max_position_embeddings); use a target file with sequence ≤ {positions}, or a base "
+                            "with more positions")
     ctx.headless = ctx.task != "causal-lm"  # encoders: the base engine is the encoder; heads travel with tasks
     ctx.eval_sets = {name: _read_eval(Path(f), ctx.prepared[name]) for name, f in ctx.evals.items()}
 
@@ -578,7 +587,7 @@ def _entry(t: TaskResult) -> TaskEntry:
         t.name, delta_path(t.name), tuple(p.head.labels) if p.head.labels else None, p.head.num_labels,
         t.not_swappable is None, t.not_swappable, t.engine, _io(t.engine_io) if t.engine_io else None,
         adapter_hash=p.plan.adapter_hash,
-        adapter_path=str(Path(p.adapter.source).resolve()) if p.adapter.source else None,
+        adapter_path=adapter_record(p.adapter.source) if p.adapter.source else None,
         rank=max((x.lora.rank for x in p.plan.targets), default=0),
         scale=tuple(sorted({x.lora.scale for x in p.plan.targets})),
         targets=tuple(sorted({x.module.rsplit(".", 1)[-1] for x in p.plan.targets})),

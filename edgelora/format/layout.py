@@ -83,3 +83,12 @@ def read_manifest_json(folder: Path) -> dict[str, Any]:
     """The manifest as raw JSON, for tools reading a folder this edgelora wrote (the runtime reads it typed
     and checked: :func:`edgelora.format.read_manifest`)."""
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+
+
+def adapter_record(source: str | Path) -> str:
+    """What a manifest records of where an adapter was read from: its path relative to the working directory
+    where it lies inside it (``examples/adapters/sst2``: ``edgelora bench`` run there finds it again), else only
+    its folder's name; never the exporting machine's absolute path. ``adapter_hash`` identifies the adapter."""
+    path = Path(source).resolve()
+    cwd = Path.cwd().resolve()
+    return path.relative_to(cwd).as_posix() if path != cwd and path.is_relative_to(cwd) else path.name
