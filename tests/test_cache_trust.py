@@ -41,13 +41,21 @@ def _pipeline(folder: Path, base: Path, adapters: dict[str, Path]) -> Path:
     return folder / "PIPELINE.toml"
 
 
+@pytest.fixture(autouse=True)
+def _no_key(monkeypatch):
+    """Each test starts without a cache key, whatever the environment running the suite holds."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+
+
 @pytest.fixture(scope="module")
 def clean(tiny_dir, tmp_path_factory):
     """One clean build without a key: the pipeline, its cache as built, and the published folder's manifest."""
     base = tiny_dir("bert")
     adapters = make_labelled_adapters(base, tmp_path_factory.mktemp("trust_adapters"), LABELS)
     pipeline = _pipeline(tmp_path_factory.mktemp("trust") / "p", base, adapters)
-    result = Build(pipeline, quiet=True).run()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(KEY_ENV, raising=False)
+        result = Build(pipeline, quiet=True).run()
     assert result.failures == [] and result.report["cache"] == [], result.failures
     assert all(r["numbers"] == "re-derived" for r in result.report["cells"])
     return pipeline, _manifest(pipeline.parent / "out" / LABEL), result.report
