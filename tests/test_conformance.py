@@ -76,7 +76,7 @@ def test_reference_vectors_are_pytorch_and_pass_untouched(exported, family_adapt
     manifest = read_manifest(folder)
     spec = manifest.conformance
     assert spec is not None and spec.file == CONFORMANCE_FILE and spec.reference == "pytorch"
-    assert spec.file in manifest.files and manifest.files[spec.file].size < 64_000  # kilobytes, hashed
+    assert spec.file in manifest.files and manifest.files[spec.file].size < 100_000  # kilobytes, hashed
     schema_validator().validate(json.loads((folder / "manifest.json").read_text()))
     tol = manifest.target.spec["tolerance"]
     assert (spec.tolerance.max_abs_diff, spec.tolerance.min_cosine) == (tol["max_abs_diff"], tol["min_cosine"])

@@ -714,14 +714,17 @@ def _latency(ctx: ExportContext, sess: Any, spec: dict[str, Any], runs: int) -> 
     return session_latency(sess, feeds, runs=runs)["median_ms"]
 
 
+REFERENCE_FLOATS = 1 << 13  # a decoder's reference logits at every position up to this many floats (32 KB) a tensor
+
+
 def _reference_vectors(ctx: ExportContext, name: str, p: Prepared) -> Callable[[], Reference]:
     """The task's reference inputs and what PyTorch computes for them, in two steps: called before the model is
     merged it computes the outputs with the task's head on W0 (no LoRA: how far the LoRA moves them, so a device
     can tell a no-op task from one whose change is within its quantization error) and returns the function that,
     called once the checks have merged the adapter (as every engine is checked against), computes the outputs
-    with it. Inputs: the runtime check's two rows (one half padding) for an encoder, two prompts' logits at their
-    last position for a decoder; a static int8 target's own texts (random ids lie outside its calibrated
-    ranges)."""
+    with it. Inputs: the runtime check's two rows (one half padding) for an encoder, two prompts' logits for a
+    decoder (at every position, or at the last where those would weigh more than REFERENCE_FLOATS); a static int8
+    target's own texts (random ids lie outside its calibrated ranges)."""
     inputs = _runtime_inputs(ctx)
     texts = ctx.calibration_texts.get(name) or next(iter(ctx.calibration_texts.values()), None)
     if texts and ctx.task != "causal-lm":
@@ -729,23 +732,28 @@ def _reference_vectors(ctx: ExportContext, name: str, p: Prepared) -> Callable[[
                               max_length=ctx.target.shapes.sequence, return_tensors="np")
         inputs = {"input_ids": enc["input_ids"].astype(np.int64),
                   "attention_mask": enc["attention_mask"].astype(np.int64)}
-    positions = "last" if ctx.task == "causal-lm" else "all"
+    # a decoder's logits at every position where they are small (tens of KB at most: agreement over
+    # every position, as the export's own check), else at the last one (W2: 2 × 49,152 floats, not 6 MB)
+    ids = inputs["input_ids"]
+    positions = "last" if ctx.task == "causal-lm" and ids.size * int(ctx.model_config.vocab_size) > \
+        REFERENCE_FLOATS else "all"
     engine_outputs = set(_base(ctx).build.spec["outputs"])  # a headless task's outputs are the base engine's
     if merged_adapter(p.model) is not None:
         unmerge(p.model)
-    without = _torch_reference(ctx, p.model, inputs, dict(p.plan.replacements), engine_outputs)
+    without = _torch_reference(ctx, p.model, inputs, dict(p.plan.replacements), engine_outputs, positions)
 
     def merged() -> Reference:
         merge_into_model(p.model, p.plan, _base(ctx).layouts)  # a no-op where the checks merged it already
-        return Reference(inputs, _torch_reference(ctx, p.model, inputs, {}, engine_outputs), positions, without)
+        return Reference(inputs, _torch_reference(ctx, p.model, inputs, {}, engine_outputs, positions), positions,
+                         without)
 
     return merged
 
 
 def _torch_reference(ctx: ExportContext, model: Any, inputs: dict[str, np.ndarray], overrides: dict[str, Any],
-                     engine_outputs: set[str]) -> dict[str, np.ndarray]:
+                     engine_outputs: set[str], positions: str) -> dict[str, np.ndarray]:
     """PyTorch's outputs for ``inputs`` (``overrides``: state-dict tensors used in place of the model's, the
-    task's head on an unmerged model): decoders' logits at the last position, a classifier's logits, else the
+    task's head on an unmerged model): decoders' logits (at ``positions``), a classifier's logits, else the
     hidden states the base engine outputs."""
     import torch
 
@@ -757,7 +765,7 @@ def _torch_reference(ctx: ExportContext, model: Any, inputs: dict[str, np.ndarra
             kwargs = {"input_ids": ids, "attention_mask": mask}
             out = torch.func.functional_call(model, overrides, (), kwargs) if overrides else model(**kwargs)
             logits = out.logits.float().numpy()
-            return {"logits": np.ascontiguousarray(logits[:, -1] if ctx.task == "causal-lm" else logits, np.float32)}
+            return {"logits": np.ascontiguousarray(logits[:, -1] if positions == "last" else logits, np.float32)}
     outputs = torch_encoder_outputs(model, inputs, headless=True)  # feature extraction: no head to override
     return {k: np.ascontiguousarray(v, np.float32) for k, v in outputs.items() if k in engine_outputs}
 
