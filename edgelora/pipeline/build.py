@@ -195,22 +195,26 @@ class Build:
         published folder's numbers), then assemble those folders again. A cell this build made is trusted by the
         check, so a second miss is either a quality failure (reported, published) or a cell that could not be
         rebuilt: the build fails naming it."""
-        failed = [c for c in self.cells if c.kind == "folder" and c.suspects]
-        wrong = {**self._stale_records, **{n: why for c in failed for n, why in (c.suspects or {}).items()}}
-        if not wrong:
-            return
-        by_name = {c.full_name: c for c in self.cells if c.kind != "folder"}
-        for kind in ("train", "base", "task"):  # what a cell reads is rebuilt before it
-            cells = [by_name[n] for n in wrong if n in by_name and by_name[n].kind == kind]
-            for c in cells:
-                self.cache_notes.append(f"cache: cell {c.full_name} {wrong[c.full_name]}: rebuilt")
+        wrong = dict(self._stale_records)
+        while True:  # each round rebuilds at least one cell (a rebuilt cell is trusted): it ends
+            failed = [c for c in self.cells if c.kind == "folder" and c.suspects]
+            wrong |= {n: why for c in failed for n, why in (c.suspects or {}).items()}
+            by_name = {c.full_name: c for c in self.cells if c.kind != "folder" and not c.built}
+            todo = {n: why for n, why in wrong.items() if n in by_name}
+            if not todo:
+                return
+            for kind in ("train", "base", "task"):  # what a cell reads is rebuilt before it
+                cells = [by_name[n] for n in todo if by_name[n].kind == kind]
+                for c in cells:
+                    self.cache_notes.append(f"cache: cell {c.full_name} {todo[c.full_name]}: rebuilt")
+                    self.cells.remove(c)
+                    c.job, c.error = {**c.job, "force": True}, None
+                self._stage(list(cells))
+            for c in failed:
                 self.cells.remove(c)
-                c.job, c.error, c.built = {**c.job, "force": True}, None, False
-            self._stage(list(cells))
-        for c in failed:
-            self.cells.remove(c)
-        by_label = {label: ref for ref, label in self.labels.items()}
-        self._stage([self._folder_cell(by_label[c.name]) for c in failed])
+            by_label = {label: ref for ref, label in self.labels.items()}
+            self._stage([self._folder_cell(by_label[c.name]) for c in failed])
+            wrong = {}
 
     def _tick(self, cell: Cell) -> None:
         if self.bar is None and not self.quiet:
