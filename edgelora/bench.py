@@ -228,7 +228,7 @@ def swap_times(folder: Path, manifest: dict[str, Any], rt: Any, threads: int, pe
                            "activate_p90_ms": sorted(act)[int(0.9 * len(act))] * 1e3, "swaps": len(act),
                            "flip_median_ms": statistics.median(flip) * 1e3}
     recipes = {w.get("recipe") for w in (manifest.get("swap") or {}).get("weights", {}).values()}
-    if rt.mode == "swap" and "int8" in recipes:
+    if rt.mode == "swap" and any(str(r).startswith("int8") for r in recipes):
         # int8 tasks keep their encoding after the first switch (what every timed switch above copied): the
         # first switch to a task re-quantizes, timed here with the kept encodings dropped before each switch
         first = []

@@ -464,8 +464,13 @@ def verify(folder: Path, conformance: bool, as_json: bool) -> None:
 
     t0 = time.perf_counter()
     rt = Runtime.open(folder, verify=True, threads=1)
+    from .runtime.cpu import measured_int8_path
+
+    int8 = measured_int8_path()  # int8 results depend on it: AVX2 without VNNI saturates full-range weights
     summary = {"folder": str(folder), "format": rt.manifest.format, "files": len(rt.manifest.files),
                "bytes": sum(e.size for e in rt.manifest.files.values()), "tasks": rt.tasks, "mode": rt.mode,
+               "int8_path": {"kernel": int8.kernel, "saturates": int8.measured if int8.measured is not None
+                             else int8.saturates},
                "seconds": round(time.perf_counter() - t0, 2)}
     test = rt.self_test() if conformance else None
     if test is not None and test.unavailable is not None:
@@ -476,6 +481,7 @@ def verify(folder: Path, conformance: bool, as_json: bool) -> None:
     else:
         click.echo(f"ok: {folder}: {summary['files']} files ({_human_bytes(summary['bytes'])}) match the manifest, "
                    f"{len(rt.tasks)} task(s) valid ({summary['seconds']} s)")
+        click.echo(f"  {int8.line()}")
         for check in test.checks if test is not None else ():
             click.echo(f"  {check.line()}")
         if test is not None and test.ok:

@@ -68,8 +68,13 @@ def cpu_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
+    from .runtime.cpu import measured_int8_path
+
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+    int8 = measured_int8_path()
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags],
+            "int8_path": {"kernel": int8.kernel,
+                          "saturates": int8.saturates if int8.measured is None else int8.measured}}
 
 
 def cpu_line() -> str:

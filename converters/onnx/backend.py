@@ -179,13 +179,19 @@ class OnnxRuntimeBackend:
         final = fp32
         if target.precision != "fp32":  # the branches read graph inputs, so they stay fp32
             final = build.raw.with_name(f"base.lora.{target.precision}.onnx")
+            exclude: tuple[str, ...] = ()
             if target.quantization.method == "static":
                 # its A, B inputs come at run time: no calibration covers them, so the branch graph (unmerged
-                # tasks, mixed batches) takes the same per-channel int8 weights with dynamic activations
+                # tasks, mixed batches) takes the same per-channel int8 weights with dynamic activations, and
+                # leaves float what the base's sensitivity pass kept out of activation quantization (W1: the
+                # GELU-fed output projections; quantized they took SST-2's branch logits to cosine 0.971)
                 from dataclasses import replace
 
                 target = replace(target, quantization=replace(target.quantization, method="dynamic"))
-            quantize.quantize(fp32, final, target)
+                report = build.quantization or {}
+                exclude = (*report.get("kept_float", ()), *report.get("kept_float_by_rule", ()),
+                           *quantize.head_nodes(fp32))
+            quantize.quantize(fp32, final, target, exclude)
         graph = onnx.load(str(final))
         add_lora_defaults(graph)
         # One copy of every weight on disk: the graph the runtime runs by default keeps its weights whole (the

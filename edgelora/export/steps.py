@@ -236,7 +236,7 @@ def _check_branches(ctx: ExportContext, task: TaskResult) -> None:
     merge_into_model(model, task.prepared.plan, base.layouts)
     dims = {m: loc.dims() for m, loc in base.branches.modules.items()}
     extra = stacked_feeds([task.modules], dims)
-    parity = _check(_branch_session(ctx), model, base.build.spec, ctx, ctx.headless, extra)
+    parity = _check(_branch_session(ctx), model, base.build.spec, ctx, ctx.headless, extra, task.name)
     task.report["unmerged_max_abs_diff"], task.report["unmerged_cosine"] = parity.max_abs_diff, parity.cosine
     miss = [m for m in within(parity, ctx.target.tolerance) if not ctx.headless or m.startswith("cosine")]
     if miss:
@@ -281,7 +281,7 @@ def _verify_baked(ctx: ExportContext, task: TaskResult) -> None:
     p, tol = task.prepared, ctx.target.tolerance
     path = ctx.out / task_engine_path(task.name)
     sess = _session(ctx, path)
-    parity = _check(sess, p.model, task.engine_io, ctx, False)
+    parity = _check(sess, p.model, task.engine_io, ctx, False, task=task.name)
     task.report.update(parity.to_json())
     # a patched engine is the base engine's graph: its latency is the base's, so a few runs tell it
     runs = max(5, ctx.latency_runs // 6) if task.report.get("bake") == "patched" else ctx.latency_runs
@@ -659,10 +659,17 @@ def _delta_for(p: Prepared) -> tuple[dict[str, DeltaModule], dict[str, np.ndarra
     return modules, head, reason
 
 
-def _text_inputs(ctx: ExportContext) -> dict[str, np.ndarray]:
-    """Eight texts from the calibration files' ends (the check texts, not calibrated on), padded to the target's
-    sequence length: what a calibrated engine's parity is measured on."""
-    texts = [t for name in sorted(ctx.calibration_texts) for t in ctx.calibration_texts[name][-4:]][:8]
+def _text_inputs(ctx: ExportContext, task: str | None = None) -> dict[str, np.ndarray]:
+    """Sixteen texts from the calibration files' ends (the check texts, not calibrated on), padded to the target's
+    sequence length: what a calibrated engine's parity is measured on. A task with texts of its own is held to
+    those (another task's texts are out of its domain: AG News' topics of a movie review sit near a boundary, so
+    one flip in eight mixed texts failed agreement 0.9 while the task agreed on 99.6% of its own checks)."""
+    own = ctx.calibration_texts.get(task) if task is not None else None
+    if own:
+        texts = list(own[-16:])
+    else:
+        per = max(1, 16 // max(1, len(ctx.calibration_texts)))
+        texts = [t for name in sorted(ctx.calibration_texts) for t in ctx.calibration_texts[name][-per:]][:16]
     enc = _tokenizer(ctx)(texts, padding="max_length", truncation=True, max_length=ctx.target.shapes.sequence,
                           return_tensors="np")
     return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
@@ -694,13 +701,13 @@ def _branch_session(ctx: ExportContext) -> Any:
 
 
 def _check(sess: Any, model: Any, spec: dict[str, Any], ctx: ExportContext, headless: bool,
-           extra: dict[str, np.ndarray] | None = None) -> Parity:
+           extra: dict[str, np.ndarray] | None = None, task: str | None = None) -> Parity:
     from ..verify import check_causal_lm, check_encoder, fixed_inputs
 
     vocab = int(model.config.vocab_size)
     inputs = fixed_inputs(vocab, max(2, ctx.target.shapes.batch), ctx.target.shapes.sequence)  # one row padded
     if ctx.calibration_texts:  # a calibrated engine is held to real text: random ids lie outside its ranges
-        inputs = _text_inputs(ctx)
+        inputs = _text_inputs(ctx, task)
     if spec["kind"] == "causal-lm":
         return check_causal_lm(sess, model, spec, inputs, extra)
     return check_encoder(sess, model, inputs, headless, extra)
