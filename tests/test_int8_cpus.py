@@ -23,6 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgelora.lora import INT8_LEVELS, PAIR_LIMIT, SATURATING_PAIR, int8_per_column, int8_per_column_into, max_pair_sum
 from edgelora.runtime.cpu import int8_path, kernel_saturates
 
+REPO = Path(__file__).resolve().parents[1]
+
 QEMU = shutil.which("qemu-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64",
                                 reason="qemu-x86_64 (Debian qemu-user) is not installed: the AVX2 kernels are "
@@ -101,23 +103,44 @@ def test_int8_path_by_flags():
     assert not int8_path({"asimddp"}, "aarch64").saturates
 
 
-def test_an_int8_export_holds_only_pair_safe_integer_weights(family_adapters, tmp_path, cli):
+@pytest.fixture(scope="module")
+def int8_folders(family_adapters, tmp_path_factory):
+    """The tiny BERT's two tasks exported to cpu-int8 (pair-safe) and to the same target with the quantizer's full
+    range (what cpu-int8 shipped before): recipe -> (folder or None where the export refused it, CLI result)."""
+    from edgelora.cli import main
+
+    base, adapters = family_adapters["bert"]
+    root = tmp_path_factory.mktemp("int8_cpus")
+    full = root / "full.toml"
+    text = (REPO / "targets" / "cpu-int8.toml").read_text()
+    full.write_text(text.replace('name = "cpu-int8"', 'name = "cpu-int8-full"').replace("pair_safe = true",
+                                                                                          "pair_safe = false"))
+    out = {}
+    for recipe, target in (("int8-pairsafe", "cpu-int8"), ("int8", str(full))):
+        dst = root / recipe
+        args = ["export", "--base", str(base), "--target", target, "-o", str(dst), "-q"]
+        for name, path in adapters.items():
+            args += ["--adapter", f"{name}={path}"]
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        out[recipe] = (dst if code == 0 else None, code)
+    return out
+
+
+def test_an_int8_export_holds_only_pair_safe_integer_weights(int8_folders):
     """Every integer MatMul weight in every engine of a cpu-int8 folder, and the runtime's swapped weights after
     each task's activate, keep the bound; the manifest names the recipe."""
     from edgelora.converters.onnx.quantize import integer_weights
 
     from edgelora.runtime import Runtime
 
-    base, adapters = family_adapters["bert"]
-    out = tmp_path / "int8"
-    args = ["export", "--base", str(base), "--target", "cpu-int8", "-o", str(out), "-q"]
-    for name, path in adapters.items():
-        args += ["--adapter", f"{name}={path}"]
-    res = cli(*args)
-    assert res.code == 0, res
-    engines = sorted((out / "base").glob("*.onnx"))
+    out, code = int8_folders["int8-pairsafe"]
+    assert code == 0 and out is not None
     checked = 0
-    for engine in engines:
+    for engine in sorted((out / "base").glob("*.onnx")):
         model = onnx.load(str(engine))
         inits = {i.name: i for i in model.graph.initializer}
         for name in integer_weights(model):
@@ -135,6 +158,41 @@ def test_an_int8_export_holds_only_pair_safe_integer_weights(family_adapters, tm
                 for key, arr in slot.arrays.items():
                     if arr.dtype == np.int8:
                         assert max_pair_sum(arr) <= PAIR_LIMIT, (task, key)
+
+
+def test_a_full_range_folder_is_caught_where_the_kernel_saturates(int8_folders):
+    """The quantizer's full range on random tiny weights: right on a VNNI/AMX/ARM kernel, wrong on AVX2 without
+    VNNI. Here the export's own conformance check decides: it writes the folder only where this CPU gets it
+    right, and refuses it (exit 1, nothing written) where this CPU saturates."""
+    out, code = int8_folders["int8"]
+    if kernel_saturates():
+        assert code == 1 and out is None
+    else:
+        assert code == 0 and out is not None
+
+
+def _verify_under_haswell(folder: Path) -> subprocess.CompletedProcess:
+    """``edgelora verify --conformance`` run by ONNX Runtime's AVX2 kernels: the device an AVX2-only CPU is."""
+    return subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-m", "edgelora.cli", "verify", "--conformance",
+                           str(folder)], capture_output=True, text=True, timeout=600)
+
+
+@needs_qemu
+def test_the_conformance_check_on_an_emulated_avx2_cpu(int8_folders):
+    """The folder's reference vectors re-run on an AVX2 CPU without VNNI (QEMU's Haswell): the pair-safe folder
+    passes there; the full-range one, which passes here on a kernel that does not saturate, fails there, naming
+    the task and the bound."""
+    out, _ = int8_folders["int8-pairsafe"]
+    res = _verify_under_haswell(out)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "saturating" in res.stdout and "checks passed" in res.stdout
+    full, _ = int8_folders["int8"]
+    if full is None:
+        pytest.skip("this CPU saturates: the full-range export was refused here already (the test above)")
+    res = _verify_under_haswell(full)
+    assert res.returncode == 1, res.stdout[-3000:]
+    err = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "conformance failed" in err[0] and "agreement" in err[0], res.stderr[-2000:]
 
 
 _PROBE = textwrap.dedent("""
