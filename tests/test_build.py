@@ -394,5 +394,5 @@ def test_a_static_int8_target_calibrates_on_each_tasks_texts(tiny_dir, adapters,
     report = json.loads((folder / "report.json").read_text())
     assert report["quantization"]["method"] == "static" and report["quantization"]["node_errors"]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"int8"}
+    assert {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"int8-pairsafe"}  # exact on AVX2 too
     assert set(manifest["tasks"]) == {"mood", "topic", "sst"}

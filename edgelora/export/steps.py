@@ -24,7 +24,7 @@ from __future__ import annotations
 import platform
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -664,15 +664,19 @@ def _text_inputs(ctx: ExportContext, task: str | None = None) -> dict[str, np.nd
     sequence length: what a calibrated engine's parity is measured on. A task with texts of its own is held to
     those (another task's texts are out of its domain: AG News' topics of a movie review sit near a boundary, so
     one flip in eight mixed texts failed agreement 0.9 while the task agreed on 99.6% of its own checks)."""
-    own = ctx.calibration_texts.get(task) if task is not None else None
-    if own:
-        texts = list(own[-16:])
-    else:
-        per = max(1, 16 // max(1, len(ctx.calibration_texts)))
-        texts = [t for name in sorted(ctx.calibration_texts) for t in ctx.calibration_texts[name][-per:]][:16]
-    enc = _tokenizer(ctx)(texts, padding="max_length", truncation=True, max_length=ctx.target.shapes.sequence,
-                          return_tensors="np")
+    enc = _tokenizer(ctx)(check_texts(ctx.calibration_texts, task), padding="max_length", truncation=True,
+                          max_length=ctx.target.shapes.sequence, return_tensors="np")
     return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+def check_texts(texts: Mapping[str, Sequence[str]], task: str | None = None) -> list[str]:
+    """The texts :func:`_text_inputs` checks on: the task's own last sixteen, or (the base, or a task without
+    texts) an equal share of every task's last ones, sixteen in all (the build's re-derivation uses the same)."""
+    own = texts.get(task) if task is not None else None
+    if own:
+        return list(own[-16:])
+    per = max(1, 16 // max(1, len(texts)))
+    return [t for name in sorted(texts) for t in texts[name][-per:]][:16]
 
 
 def _static(ctx: ExportContext) -> bool:

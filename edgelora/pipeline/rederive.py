@@ -55,11 +55,14 @@ def _session(target: Target, path: Path, threads: int) -> Any:
     return get_backend(target.backend).session(path, target.provider, session_options(threads))
 
 
-def _text_inputs(texts: Mapping[str, list[str]], tokenizer: Any, sequence: int) -> dict[str, np.ndarray]:
-    """A static int8 target's check inputs, as the export makes them: the last four texts of each calibration file
-    (not calibrated on), eight at most, padded to the target's sequence length."""
-    rows = [t for name in sorted(texts) for t in texts[name][-4:]][:8]
-    enc = tokenizer(rows, padding="max_length", truncation=True, max_length=sequence, return_tensors="np")
+def _text_inputs(texts: Mapping[str, list[str]], task: str | None, tokenizer: Any, sequence: int
+                 ) -> dict[str, np.ndarray]:
+    """A static int8 target's check inputs, as the export makes them (the calibration files' last texts, not
+    calibrated on: the task's own, or a share of every task's for the base), padded to the target's sequence."""
+    from ..export.steps import check_texts
+
+    enc = tokenizer(check_texts(texts, task), padding="max_length", truncation=True, max_length=sequence,
+                    return_tensors="np")
     return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
@@ -118,7 +121,7 @@ def check_folder(folder: Path, *, base: str, target: Target, label: str,  # noqa
         vocab, shapes = int(p.model.config.vocab_size), target.shapes
         inputs = fixed_inputs(vocab, max(2, shapes.batch), shapes.sequence)
         if i == 0:  # the base engine alone, on the unmerged model (before PEFT injects anything into it)
-            base_inputs = _text_inputs(texts, tokenizer, shapes.sequence) if texts else inputs
+            base_inputs = _text_inputs(texts, None, tokenizer, shapes.sequence) if texts else inputs
             parity = check_encoder(_session(target, folder / manifest.base.engine, threads), p.model, base_inputs,
                                    True)
             miss = [m for m in within(parity, tol) if m.startswith("cosine")]
@@ -130,7 +133,7 @@ def check_folder(folder: Path, *, base: str, target: Target, label: str,  # noqa
             continue
         model = PeftModel.from_pretrained(p.model, str(t["adapter"])).eval()
         sess = _session(target, folder / entry.engine, threads)
-        task_inputs = _text_inputs({name: texts[name]}, tokenizer, shapes.sequence) if name in texts else inputs
+        task_inputs = _text_inputs(texts, name, tokenizer, shapes.sequence) if texts else inputs
         parity = check_encoder(sess, model, task_inputs, False)
         row: dict[str, Any] = {**parity.to_json(), "engine_size_bytes": engine_size(folder / entry.engine),
                                "accuracy": None, "torch_accuracy": None}
