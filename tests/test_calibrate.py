@@ -106,7 +106,7 @@ def test_static_int8_w1_engines_runtime_and_sensitivity(tmp_path, cli):
         assert task["cosine"] >= 0.98 and task["agreement"] >= 0.75, (name, task)
         assert task["bake"] == "patched"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"int8"}
+    assert {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"int8-pairsafe"}
     rt = Runtime.open(out, threads=1)
     assert rt.mode == "swap"
     ids = np.array([[101, 2023, 3185, 2001, 6429, 1998, 2200, 6057, 102]], np.int64)
