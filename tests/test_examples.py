@@ -160,5 +160,6 @@ def test_int8_export_of_the_examples_keeps_accuracy(tmp_path, cli):
     assert report["tasks"]["sst2"]["bake"] == "patched"  # the int8 base engine with re-quantized q, v
     # the runtime re-quantizes the swapped columns with the quantizer's recipe: same classes as the
     # baked int8 engine on every row, logits within the target's tolerance
-    assert manifest["swap"]["weights"] and {w["recipe"] for w in manifest["swap"]["weights"].values()} == {"int8-pairsafe"}
+    recipes = {w["recipe"] for w in manifest["swap"]["weights"].values()}
+    assert manifest["swap"]["weights"] and recipes == {"int8-pairsafe"}
     _runtime_matches_baked(out, "sst2", max_abs_diff=manifest["target"]["tolerance"]["max_abs_diff"])
