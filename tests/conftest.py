@@ -163,19 +163,23 @@ def family_adapters(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(family_adapters, tmp_path_factory):
     """family -> fp32 deployment folder (both tasks), written through the CLI entry point."""
+    return {family: export_folder(base, adapters, tmp_path_factory.mktemp(f"dep_{family}") / "out",
+                                  "--target", "cpu-fp32")
+            for family, (base, adapters) in family_adapters.items()}
+
+
+def export_folder(base: Path, adapters: dict[str, Path], out: Path, *extra: str) -> Path:
+    """``edgelora export`` of ``adapters`` (name -> folder) on ``base`` into ``out`` through the CLI entry point,
+    with ``extra`` arguments; fails the caller when the export does not exit 0."""
     from edgelora.cli import main
 
-    out = {}
-    for family, (base, adapters) in family_adapters.items():
-        dst = tmp_path_factory.mktemp(f"dep_{family}") / "out"
-        args = ["export", "--base", str(base), "--target", "cpu-fp32", "-o", str(dst), "-q"]
-        for name, path in adapters.items():
-            args += ["--adapter", f"{name}={path}"]
-        try:
-            main(args)
-        except SystemExit as exc:
-            assert exc.code in (0, None), f"export {family} failed"
-        out[family] = dst
+    args = ["export", "--base", str(base), "-o", str(out), "-q", *extra]
+    for name, path in adapters.items():
+        args += ["--adapter", f"{name}={path}"]
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None), f"the export to {out} failed"
     return out
 
 

@@ -15,8 +15,6 @@ checked against the manifest's size and sha256.
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +24,11 @@ import numpy as np
 
 from ..errors import DeploymentError
 from .manifest import ConformanceSpec
-from .safetensors import parse
+from .safetensors import parse, write
 
 CONFORMANCE_FILE = "conformance.safetensors"
 INPUTS = ("input_ids", "attention_mask")
 WITHOUT_LORA = ":without_lora"  # suffix of the no-LoRA outputs (":" is in no output name)
-_CODES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
 
 
 @dataclass(frozen=True)
@@ -47,23 +44,7 @@ class Reference:
 def save_tensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]) -> None:
     """A safetensors file of float32 / int64 tensors, byte for byte the same for the same input (sorted header,
     sorted data), so two exports of the same adapters write the same file."""
-    header: dict[str, Any] = {}
-    chunks = []
-    offset = 0
-    for name in sorted(tensors):
-        a = np.asarray(tensors[name])
-        a = np.ascontiguousarray(a, dtype="<i8" if a.dtype.kind in "iub" else "<f4")
-        header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        chunks.append(a.tobytes())
-        offset += a.nbytes
-    header["__metadata__"] = dict(sorted(metadata.items()))
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for c in chunks:
-            f.write(c)
+    write(tensors, path, metadata)
 
 
 def reference_tensors(references: Mapping[str, Reference]) -> dict[str, np.ndarray]:

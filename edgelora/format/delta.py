@@ -12,7 +12,6 @@ structure (safetensors layout, metadata types, float32 only, every tensor accoun
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from ..errors import DeltaError
 from ..lora import DeltaModule
 from .manifest import FORMAT_VERSION
-from .safetensors import parse
+from .safetensors import parse, write
 
 DELTA_FORMATS = ("2", "3", "4")  # 3 adds the task's label names, 4 the head's pooling; all store float32
 POOLINGS = ("cls", "mean")  # what a classification head reads (edgelora.base.HeadSpec)
@@ -123,24 +122,5 @@ def _json_meta(meta: Mapping[str, str], key: str, kind: type, where: str) -> Any
 
 
 def save_float32_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file byte for byte the same for the same input (sorted header, sorted data).
-
-    (``safetensors.numpy.save_file`` orders its metadata by hash, so two exports of the same adapter
-    would differ; re-running an export must be harmless and reproducible.)
-    """
-    header: dict[str, Any] = {}
-    chunks = []
-    offset = 0
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name], dtype="<f4")
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        chunks.append(a.tobytes())
-        offset += a.nbytes
-    header["__metadata__"] = dict(sorted(metadata.items()))
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for c in chunks:
-            f.write(c)
+    """Write a safetensors file of float32 tensors, the same bytes for the same input (``safetensors.write``)."""
+    write({k: np.asarray(v, np.float32) for k, v in tensors.items()}, path, metadata)

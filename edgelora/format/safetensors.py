@@ -85,3 +85,30 @@ def _is_count(v: Any) -> bool:
 def _short(v: Any) -> str:
     text = repr(v) if not isinstance(v, BaseException) else str(v)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_WRITE_CODES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
+
+
+def write(tensors: Mapping[str, np.ndarray], path: Any, metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file of float32 tensors (integers as int64), byte for byte the same for the same input
+    (sorted header, sorted data): re-running an export must be harmless and reproducible
+    (``safetensors.numpy.save_file`` orders its metadata by hash, so two exports of the same adapter would differ)."""
+    header: dict[str, Any] = {}
+    chunks = []
+    offset = 0
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        a = np.ascontiguousarray(a, dtype="<i8" if a.dtype.kind in "iub" else "<f4")
+        header[name] = {"dtype": _WRITE_CODES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        chunks.append(a.tobytes())
+        offset += a.nbytes
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for c in chunks:
+            f.write(c)
