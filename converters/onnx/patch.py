@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelora.lora import INT8_LEVELS, LAYOUTS, DeltaModule, int8_per_column
+from edgelora.lora import INT8_LEVELS, LAYOUTS, DeltaModule, int8_per_column, int8_recipe
 
 from .names import WeightLocation
 
@@ -64,10 +64,7 @@ def encodings(model: Any, fp32_weights: Mapping[str, np.ndarray], folder: Path
             if zp is not None and _array(zp, folder).any():
                 return None, f"{name}: int8 with zero points (asymmetric) is not re-encoded here"
             stored, scale = (_array(inits[f"{name}_{k}"], folder) for k in ("quantized", "scale"))
-            recipe = next((r for r in INT8_LEVELS if stored.shape == w0.shape and scale.shape == (w0.shape[1],)
-                           and all(np.array_equal(a, b) for a, b in zip(int8_per_column(w0, r), (stored, scale),
-                                                                        strict=True))), "int8")
-            enc = Encoding(recipe, (f"{name}_quantized", f"{name}_scale"))
+            enc = Encoding(int8_recipe(w0, stored, scale) or "int8", (f"{name}_quantized", f"{name}_scale"))
         elif (q := next((f"{name}_Q{b}" for b in (4, 8) if f"{name}_Q{b}" in nbits), None)) is not None:
             node = nbits[q]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

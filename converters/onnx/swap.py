@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelora.lora import INT8_LEVELS, int8_per_column
+from edgelora.lora import int8_recipe
 
 from .names import WeightLocation
 
@@ -183,13 +183,3 @@ def _external(init: Any) -> dict[str, Any] | None:
 def _encoding(inits: Mapping[str, Any], name: str) -> str:
     found = sorted(n for n in inits if n.startswith(name))
     return ", ".join(found[:3]) if found else "no initializer of that name (folded by the quantizer)"
-
-
-def int8_recipe(w0: np.ndarray, stored: np.ndarray, scale: np.ndarray) -> str | None:
-    """The int8 recipe (``edgelora.lora.quant``: full range, 7-bit or pair-safe) whose per-column encoding of
-    ``w0`` is the engine's ``stored`` values and ``scale`` bit for bit; None when none is."""
-    for recipe in INT8_LEVELS:
-        q, s = int8_per_column(w0, recipe)
-        if np.array_equal(q, stored) and np.array_equal(s, scale):
-            return recipe
-    return None

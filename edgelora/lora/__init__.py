@@ -7,8 +7,16 @@
 
 from .delta import LAYOUTS, DeltaModule, lora_delta_in_out, lora_delta_out_in
 from .feeds import MASK_INPUT, concat_feeds, lora_input_names, stacked_feeds, task_rank
-from .quant import INT8_LEVELS, PAIR_LIMIT, SATURATING_PAIR, int8_per_column, int8_per_column_into, max_pair_sum
+from .quant import (
+                    INT8_LEVELS,
+                    PAIR_LIMIT,
+                    SATURATING_PAIR,
+                    int8_per_column,
+                    int8_per_column_into,
+                    int8_recipe,
+                    max_pair_sum,
+)
 
 __all__ = ["INT8_LEVELS", "LAYOUTS", "MASK_INPUT", "PAIR_LIMIT", "SATURATING_PAIR", "DeltaModule", "concat_feeds",
-           "int8_per_column", "int8_per_column_into", "lora_delta_in_out", "lora_delta_out_in", "lora_input_names",
-           "max_pair_sum", "stacked_feeds", "task_rank"]
+           "int8_per_column", "int8_per_column_into", "int8_recipe", "lora_delta_in_out", "lora_delta_out_in",
+           "lora_input_names", "max_pair_sum", "stacked_feeds", "task_rank"]

@@ -77,3 +77,15 @@ def max_pair_sum(q: np.ndarray) -> int:
     if q.ndim != 2 or q.shape[0] == 0:
         return 0
     return int(_pair_max(np.abs(q.astype(np.int32)).astype(np.float32)).max())
+
+
+def int8_recipe(w0: np.ndarray, stored: np.ndarray, scale: np.ndarray) -> str | None:
+    """The recipe whose per-column encoding of the fp32 weight ``w0`` (in, out) is an engine's ``stored`` int8
+    values and ``scale`` bit for bit; None when none is (another layout, or a quantizer we do not reproduce)."""
+    if stored.shape != w0.shape or scale.shape != (w0.shape[1],):
+        return None
+    for recipe in INT8_LEVELS:
+        q, s = int8_per_column(w0, recipe)
+        if np.array_equal(q, stored) and np.array_equal(s, scale):
+            return recipe
+    return None
